@@ -39,3 +39,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random Qwen2 HF directory (fp32 weights + the tiny tokenizer)."""
+    from tests.helpers.tiny_models import save_tiny_hf_model
+
+    return save_tiny_hf_model(
+        tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", tokenizer_dir=tiny_tokenizer_dir
+    )

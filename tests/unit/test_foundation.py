@@ -27,3 +27,17 @@ def test_python_dash_m_version():
         [sys.executable, "-m", "tunelab", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("tunelab ")
+
+
+def test_tiny_hf_families_build(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.tiny_models import FAMILIES, save_tiny_hf_model
+
+    for family in FAMILIES:
+        d = save_tiny_hf_model(tmp_path / family, family)
+        m = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+        with torch.no_grad():
+            out = m(torch.tensor([[1, 2, 3]]), use_cache=False).logits
+        assert out.shape == (1, 3, 512)
