@@ -33,13 +33,24 @@ def build_bpe_tokenizer(
     texts: Iterable[str] | None = None,
     vocab_size: int = 512,
     chat_template: str = CHATML_TEMPLATE,
+    split_digits: bool = False,
 ):
-    """Train a byte-level BPE on ``texts`` and save it to ``out_dir``; return the HF tokenizer."""
+    """Train a byte-level BPE on ``texts`` and save it to ``out_dir``; return the HF tokenizer.
+
+    ``split_digits`` makes every digit its own token (as Llama/Qwen tokenizers do), which
+    small models need to learn arithmetic.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
