@@ -149,6 +149,16 @@ class Sampler:
             g.manual_seed(seed)
             self.generators.append(g)
 
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (the engine drops finished sequences from the batch)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        self.configs = [self.configs[i] for i in rows]
+        self.generators = [self.generators[i] for i in rows]
+        for name in ("greedy", "temperature", "top_k", "top_p", "penalty"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, idx)
+
     def observe(self, row_tokens: Sequence[Sequence[int]]) -> None:
         """Record prompt tokens (per row) for the repetition penalty."""
         if self.seen is None:
