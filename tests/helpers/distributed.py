@@ -1,0 +1,200 @@
+"""Helpers for parallel tests: a tiny tunelab model, packed batches, torchrun launches.
+
+Worker scripts (run under torchrun) and the pytest side share these, so the single-process
+reference and the distributed run build the very same model, data and optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Tiny but with every feature the parallel plans touch: GQA (4 heads, 2 KV heads), 4 layers
+# (2 per pipeline stage, or 1 per virtual stage), qkv bias (qwen2), untied lm_head.
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_config(family: str = "qwen2_untied", **overrides):
+    from tests.helpers.tiny_models import tiny_hf_config
+    from tunelab.model.config import ModelConfig
+
+    hf = tiny_hf_config(family, **{**TINY, **overrides})
+    return ModelConfig.from_hf(hf.to_dict())
+
+
+def tiny_model(family: str = "qwen2_untied", seed: int = 0, **overrides):
+    """A fp32 tunelab Transformer with deterministic random weights (norms and biases too)."""
+    from tunelab.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(family, **overrides))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.train()
+
+
+def packed_batch(
+    batch: int = 4, seq: int = 16, vocab: int = 128, seed: int = 1
+) -> dict[str, torch.Tensor]:
+    """Rows packed with 2-3 documents each; prompt tokens and one gap are -100 in labels.
+
+    Documents of different lengths per row give different supervised-token counts per row,
+    so a wrong normalization (per rank or per micro-batch mean) cannot go unnoticed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    labels = input_ids.clone()
+    position_ids = torch.empty(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        cuts = sorted(torch.randperm(seq - 4, generator=g)[: 1 + row % 2].add(2).tolist())
+        starts = [0, *cuts]
+        ends = [*cuts, seq]
+        for doc, (s, e) in enumerate(zip(starts, ends)):
+            position_ids[row, s:e] = torch.arange(e - s)
+            prompt = 1 + (row + doc) % 3  # unsupervised prompt span of varying length
+            labels[row, s : min(e, s + prompt)] = -100
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def batches(num_steps: int, **kwargs) -> list[dict[str, torch.Tensor]]:
+    return [packed_batch(seed=100 + step, **kwargs) for step in range(num_steps)]
+
+
+def torchrun(
+    script: str | Path,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 240,
+    extra_env: dict[str, str] | None = None,
+    torchrun_args: tuple[str, ...] = ("--standalone",),
+) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun on CPU/gloo; raises with both outputs on failure."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "TUNELAB_TEST_DEVICE": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_args,
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *args,
+    ]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"torchrun timed out after {timeout}s: {' '.join(cmd)}\n"
+            f"--- stdout ---\n{e.stdout}\n--- stderr ---\n{e.stderr}"
+        ) from e
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-12000:]}"
+        )
+    return proc
+
+
+def read_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def clean_name(name: str) -> str:
+    """Parameter name without wrapper prefixes (activation checkpointing, compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def global_num_tokens(batch: dict[str, torch.Tensor]) -> int:
+    from tunelab.model.loss import IGNORE_INDEX, shift_labels
+
+    targets = shift_labels(batch["labels"], batch["position_ids"])
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def train_losses(
+    model_parts: list[torch.nn.Module],
+    steps: int,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    dp_group=None,
+    pp_group=None,
+    pipeline=None,
+    batch_size: int = 4,
+    lr: float = 2.0,
+) -> list[float]:
+    """SGD steps on the shared packed batches, loss = sum / global supervised tokens.
+
+    Each data-parallel rank takes its contiguous slice of rows; the supervised-token count is
+    summed over dp ranks (as the trainer does); the logged loss is summed over dp and pp.
+    """
+    import torch.distributed as dist
+
+    params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
+    # Plain SGD: the update is proportional to the gradient, so a wrong gradient scale (say
+    # FSDP averaging instead of summing) changes the losses; Adam would hide it.
+    opt = torch.optim.SGD(params, lr=lr)
+    losses = []
+    for batch in batches(steps, batch=batch_size):
+        rows = batch_size // dp_size
+        local = {k: v[dp_rank * rows : (dp_rank + 1) * rows] for k, v in batch.items()}
+        count = torch.tensor(float(global_num_tokens(local)))
+        if dp_group is not None:
+            dist.all_reduce(count, group=dp_group)
+        if pipeline is not None:
+            part = pipeline.step(
+                local["input_ids"], local["labels"], local["position_ids"], count.item()
+            )
+        else:
+            (model,) = model_parts
+            loss_sum, _ = model.loss(**local)
+            (loss_sum / count).backward()
+            part = loss_sum.detach() / count
+        part = part.detach().clone().float()
+        for group in (dp_group, pp_group):
+            if group is not None:
+                dist.all_reduce(part, group=group)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(part.item())
+    return losses
+
+
+def full_params(model_parts: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Unsharded copies of all parameters (a collective for DTensor parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for part in model_parts:
+        for name, p in part.named_parameters():
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+            out[clean_name(name)] = t.detach().clone()
+    return out

@@ -1,0 +1,66 @@
+"""parallelize() on one device: activation checkpointing and compile keep numbers and names."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.helpers.distributed import packed_batch, tiny_model
+from tunelab.errors import ConfigError
+from tunelab.parallel.parallelize import parallelize, parse_dtype
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss_sum, num_tokens = model.loss(**batch)
+    (loss_sum / num_tokens).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss_sum / num_tokens), grads
+
+
+def test_activation_checkpointing_same_loss_grads_and_state_dict_keys():
+    ref = tiny_model()
+    model = copy.deepcopy(ref)
+    out = parallelize(model, {"activation_checkpointing": True})
+    assert out is model
+    assert "checkpoint" in type(model.model.layers["0"]).__name__.lower()
+    assert list(model.state_dict()) == list(ref.state_dict())
+    batch = packed_batch()
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    loss, grads = _loss_and_grads(model, batch)
+    assert loss == ref_loss
+    clean = {n.replace("_checkpoint_wrapped_module.", ""): g for n, g in grads.items()}
+    assert clean.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(clean[name], g, rtol=0, atol=0)
+
+
+def test_nothing_requested_changes_nothing():
+    model = tiny_model()
+    before = {n: id(m) for n, m in model.named_modules()}
+    parallelize(model, {"activation_checkpointing": False, "compile": False})
+    assert {n: id(m) for n, m in model.named_modules()} == before
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16", "param_dtype") is torch.bfloat16
+    assert parse_dtype("torch.float32", "reduce_dtype") is torch.float32
+    with pytest.raises(ConfigError, match=r"parallel\.param_dtype = 'int8'"):
+        parse_dtype("int8", "param_dtype")
+
+
+@pytest.mark.slow
+def test_compile_per_block_same_loss():
+    ref = tiny_model()
+    model = copy.deepcopy(ref)
+    parallelize(model, {"compile": True, "activation_checkpointing": True})
+    assert list(model.state_dict()) == list(ref.state_dict())
+    batch = packed_batch()
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    loss, grads = _loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    clean = {n.replace("_checkpoint_wrapped_module.", ""): g for n, g in grads.items()}
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(clean[name], g, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,255 @@
+"""Pipeline parallelism with ``torch.distributed.pipelining``: stage split and schedules.
+
+A stage is a copy of the Transformer that keeps only its layers (global names kept, since
+``model.layers`` is a ModuleDict keyed by layer index) and sets ``model.embed_tokens`` (all
+but the first stage), ``model.norm`` and ``lm_head`` (all but the last) to None; the model's
+forward then takes / returns hidden states. With ``pp_virtual_stages = v`` each rank holds v
+stages, stage ``s`` on pp rank ``s % pp`` (the looped placement interleaved schedules need).
+
+The last stage computes the chunked loss inside its forward (labels are passed to every stage
+as a keyword argument and ignored where there is no ``lm_head``), so full-vocabulary logits
+are never materialized; the schedule's loss function divides the summed loss by the global
+number of supervised tokens, and the schedule's own 1/n_microbatches gradient scaling is off.
+Build the full model on the ``meta`` device when it is large: splitting copies it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError
+from tunelab.parallel.dims import cfg_get, stage_layer_counts
+
+logger = logging.getLogger(__name__)
+
+SCHEDULE_ALIASES = {
+    "1f1b": "1F1B",
+    "gpipe": "GPipe",
+    "interleaved1f1b": "Interleaved1F1B",
+    "interleaved_1f1b": "Interleaved1F1B",
+    "loopedbfs": "LoopedBFS",
+    "interleavedzerobubble": "InterleavedZeroBubble",
+}
+
+
+def stage_ids(pp_rank: int, pp_size: int, virtual_stages: int = 1) -> list[int]:
+    """Stages held by ``pp_rank``: rank r holds r, r + pp, r + 2 pp, ... (looped placement)."""
+    return [pp_rank + k * pp_size for k in range(virtual_stages)]
+
+
+def split_stage(model: nn.Module, stage: int, layer_counts: list[int]) -> nn.Module:
+    """A copy of ``model`` that keeps only what pipeline stage ``stage`` owns."""
+    num_stages = len(layer_counts)
+    names = list(model.model.layers.keys())
+    if len(names) != sum(layer_counts):
+        raise ConfigError(
+            f"parallel.num_layer_list {layer_counts} covers {sum(layer_counts)} layers but the "
+            f"model has {len(names)}"
+        )
+    start = sum(layer_counts[:stage])
+    keep = set(names[start : start + layer_counts[stage]])
+    # Copy without the layers this stage drops: a deepcopy of everything would briefly hold
+    # the whole model once per stage.
+    layers = model.model.layers
+    memo = {id(layers[n]): None for n in names if n not in keep}
+    part = copy.deepcopy(model, memo)
+    for name in names:
+        if name not in keep:
+            del part.model.layers[name]
+    if stage != 0:
+        part.model.embed_tokens = None
+    if stage != num_stages - 1:
+        part.model.norm = None
+        part.lm_head = None
+    return part
+
+
+class TokenNormalizedLoss:
+    """Loss function for the schedule: the stage's summed loss / global supervised tokens.
+
+    The last stage returns ``(loss_sum, num_tokens)``; ``num_tokens_global`` is set before
+    each step (the count over all micro-batches and data-parallel ranks).
+    """
+
+    def __init__(self) -> None:
+        self.num_tokens_global: float = 1.0
+
+    def __call__(self, output, target=None) -> torch.Tensor:
+        loss_sum = output[0] if isinstance(output, tuple | list) else output
+        return loss_sum / self.num_tokens_global
+
+
+@dataclass
+class Pipeline:
+    """This rank's stages and the schedule that runs them."""
+
+    schedule: Any
+    stages: list
+    model_parts: list[nn.Module]
+    loss_fn: TokenNormalizedLoss
+    n_microbatches: int
+    stage_indices: list[int] = field(default_factory=list)
+
+    @property
+    def has_first_stage(self) -> bool:
+        return any(s.is_first for s in self.stages)
+
+    @property
+    def has_last_stage(self) -> bool:
+        return any(s.is_last for s in self.stages)
+
+    def _run(self, run, input_ids, labels, position_ids, num_tokens_global) -> torch.Tensor:
+        if input_ids.shape[0] % self.n_microbatches:
+            raise ConfigError(
+                f"the pipeline splits each batch of {input_ids.shape[0]} rows into "
+                f"{self.n_microbatches} micro-batches; make the per-rank batch a multiple of "
+                "the number of micro-batches"
+            )
+        self.loss_fn.num_tokens_global = float(num_tokens_global)
+        args = (input_ids,) if self.has_first_stage else ()
+        kwargs = {"labels": labels}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        losses: list[torch.Tensor] = []
+        target = labels if self.has_last_stage else None
+        run(*args, target=target, losses=losses, **kwargs)
+        if not losses:
+            return torch.zeros((), dtype=torch.float32, device=labels.device)
+        return torch.stack([x.detach().float() for x in losses]).sum()
+
+    def step(self, input_ids, labels, position_ids, num_tokens_global) -> torch.Tensor:
+        """Forward and backward over all micro-batches; gradients accumulate in the stages.
+
+        Returns this rank's part of the normalized loss (zero except on the last stage);
+        sum it over the pipeline and data-parallel ranks for the step's loss.
+        """
+        return self._run(
+            lambda *a, **k: self.schedule.step(*a, return_outputs=False, **k),
+            input_ids,
+            labels,
+            position_ids,
+            num_tokens_global,
+        )
+
+    def eval_step(self, input_ids, labels, position_ids, num_tokens_global) -> torch.Tensor:
+        """Forward only (no gradients); same return value as :meth:`step`."""
+        with torch.no_grad():
+            return self._run(self.schedule.eval, input_ids, labels, position_ids, num_tokens_global)
+
+
+def resolve_schedule(name: str | None, virtual_stages: int):
+    """The torch schedule class for a config name; interleaved when virtual stages are on."""
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+    if not name:
+        name = "Interleaved1F1B" if virtual_stages > 1 else "1F1B"
+    canonical = SCHEDULE_ALIASES.get(str(name).replace("-", "").lower(), name)
+    try:
+        cls = get_schedule_class(canonical)
+    except ValueError as e:
+        raise ConfigError(
+            f"parallel.pp_schedule = {name!r} is not a pipeline schedule; use 1F1B, GPipe, "
+            "Interleaved1F1B (with pp_virtual_stages > 1), LoopedBFS or InterleavedZeroBubble"
+        ) from e
+    single = issubclass(cls, PipelineScheduleSingle)
+    if single and virtual_stages > 1:
+        raise ConfigError(
+            f"parallel.pp_schedule = {name!r} runs one stage per rank but pp_virtual_stages = "
+            f"{virtual_stages}; use Interleaved1F1B (or set pp_virtual_stages: 1)"
+        )
+    if not single and virtual_stages == 1:
+        raise ConfigError(
+            f"parallel.pp_schedule = {name!r} needs several stages per rank; set "
+            "pp_virtual_stages > 1 or use 1F1B / GPipe"
+        )
+    return cls
+
+
+def build_pipeline(
+    model: nn.Module,
+    mesh,
+    parallel_cfg: Any,
+    n_microbatches: int,
+    device: torch.device | str | None = None,
+) -> Pipeline:
+    """Split ``model`` into this rank's stages, parallelize each over the other mesh axes
+    (TP, AC, compile, FSDP as :func:`parallelize` does) and build the schedule.
+
+    ``n_microbatches`` is how many micro-batches each step's per-rank batch is cut into
+    (usually the gradient-accumulation count). ``model`` itself is left untouched.
+    """
+    from torch.distributed.pipelining import PipelineStage
+
+    from tunelab.parallel.parallelize import parallelize
+
+    pp_mesh = mesh["pp"]
+    pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    virtual = int(cfg_get(parallel_cfg, "pp_virtual_stages", 1))
+    schedule_cls = resolve_schedule(cfg_get(parallel_cfg, "pp_schedule", None), virtual)
+    if getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(
+            "pipeline parallel (parallel.pp > 1) with tied input/output embeddings "
+            "(tie_word_embeddings: true) is not supported: the first and last stage would each "
+            "train their own copy; use pp: 1 (FSDP / tp) for this model"
+        )
+    counts = stage_layer_counts(
+        len(model.model.layers),
+        pp_size,
+        num_layer_list=cfg_get(parallel_cfg, "num_layer_list", None),
+        virtual_stages=virtual,
+    )
+    if n_microbatches < pp_size:
+        logger.warning(
+            "%d micro-batches for %d pipeline stages: most of the pipeline stays idle; use at "
+            "least as many micro-batches (gradient accumulation steps) as pp",
+            n_microbatches,
+            pp_size,
+        )
+    device = torch.device(device or mesh.device_type)
+    num_stages = len(counts)
+    # Pipeline stages keep parameters gathered between micro-batches unless told otherwise.
+    stage_cfg = _with_default(parallel_cfg, "reshard_after_forward", False)
+    parts, stages, ids = [], [], stage_ids(pp_rank, pp_size, virtual)
+    for stage in ids:
+        part = split_stage(model, stage, counts)
+        parallelize(part, stage_cfg, mesh)
+        parts.append(part)
+        stages.append(PipelineStage(part, stage, num_stages, device, group=pp_mesh.get_group()))
+    loss_fn = TokenNormalizedLoss()
+    schedule = schedule_cls(
+        stages if virtual > 1 else stages[0],
+        n_microbatches=n_microbatches,
+        loss_fn=loss_fn,
+        scale_grads=False,
+    )
+    logger.info(
+        "pipeline: %d stages (layers %s), rank %d holds stages %s, schedule %s, %d micro-batches",
+        num_stages,
+        counts,
+        pp_rank,
+        ids,
+        schedule_cls.__name__,
+        n_microbatches,
+    )
+    return Pipeline(schedule, stages, parts, loss_fn, n_microbatches, ids)
+
+
+class _Overlay:
+    """A read-only view of a config section with some keys defaulted differently."""
+
+    def __init__(self, base: Any, defaults: dict[str, Any]) -> None:
+        self._base, self._defaults = base, defaults
+
+    def __getattr__(self, key: str) -> Any:
+        value = cfg_get(self._base, key, None)
+        return self._defaults.get(key) if value is None else value
+
+
+def _with_default(cfg: Any, key: str, value: Any) -> Any:
+    return _Overlay(cfg, {key: value})

@@ -1,0 +1,110 @@
+"""The tensor-parallel plan for tunelab's Transformer (Megatron-style, with DTensor).
+
+Per block: q/k/v and gate/up are column-parallel (each rank holds a slice of heads / of the
+MLP width), o and down are row-parallel (partial sums reduced across ranks). Heads are
+inferred in the attention (``view(b, s, -1, head_dim)``), so sharded projections just yield
+fewer local heads. Qwen3's per-head q/k norms see only local heads; their weights become
+replicated DTensors so the partial weight gradients are summed across ranks.
+
+With sequence parallel (default), activations between the matmul regions (norms, residual
+stream) are split along the sequence across the tp ranks inside each stage's run of blocks,
+and gathered just before each column-parallel region; this cuts activation memory by ``tp`` and turns all-reduces into
+reduce-scatter + all-gather of the same total volume.
+
+The embedding is vocabulary-parallel when it is not tied to ``lm_head``. ``lm_head`` and the
+final norm stay replicated: the chunked loss (``LMHead``) needs the full weight and the full
+final hidden states, so each tp rank computes the (identical) loss; FSDP still shards them
+over the data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True) -> None:
+    """Shard ``model`` (a Transformer or a pipeline stage of one) over the 1-D ``tp_mesh``."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    body = model.model
+    seq = Shard(1)
+    between = seq if sequence_parallel else Replicate()
+
+    if body.embed_tokens is not None:
+        tied = model.lm_head is not None and model.lm_head.weight is body.embed_tokens.weight
+        # Tied: the weight is also lm_head's, which must stay whole for the chunked loss.
+        if not tied:
+            parallelize_module(
+                body.embed_tokens,
+                tp_mesh,
+                RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            )
+
+    blocks = list(body.layers.values())
+    if sequence_parallel and blocks:
+        # The residual stream enters and leaves each stage whole: the model derives the
+        # sequence length (masks, rotary tables) from it, and pipeline stages pass it on.
+        # Replicate -> Shard(1) is a local slice; the gather back happens once per stage.
+        parallelize_module(
+            blocks[0],
+            tp_mesh,
+            PrepareModuleInput(
+                input_layouts=(Replicate(), None, None, None, None),
+                desired_input_layouts=(seq, None, None, None, None),
+                use_local_output=True,
+            ),
+        )
+        parallelize_module(
+            blocks[-1],
+            tp_mesh,
+            PrepareModuleOutput(
+                output_layouts=seq, desired_output_layouts=Replicate(), use_local_output=True
+            ),
+        )
+
+    for block in blocks:
+        plan: dict[str, object] = {
+            "self_attn": PrepareModuleInput(
+                # (x, cos, sin, mask, cache): only the hidden states are laid out.
+                input_layouts=(between, None, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None, None),
+                use_local_output=True,
+            ),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=between),
+            "mlp": PrepareModuleInput(
+                input_layouts=(between,),
+                desired_input_layouts=(Replicate(),),
+                use_local_output=True,
+            ),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=between),
+        }
+        if sequence_parallel:
+            plan["input_layernorm"] = SequenceParallel(use_local_output=True)
+            plan["post_attention_layernorm"] = SequenceParallel(use_local_output=True)
+        if block.self_attn.q_norm is not None:
+            # [b, s, local heads, head_dim]: sharded along heads (dim 2).
+            plan["self_attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["self_attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        parallelize_module(block, tp_mesh, plan)
+    logger.info(
+        "tensor parallel over %d ranks (sequence parallel %s)",
+        tp_mesh.size(),
+        "on" if sequence_parallel else "off",
+    )
