@@ -28,13 +28,19 @@ module names carry no wrapper prefixes):
   and ``lora_B.weight`` is replicated; ``A(x)`` is then a partial sum, ``B`` keeps it partial,
   and it is reduced together with the base output in the layer's one all-reduce.
   ``LoraLinear`` subclasses ``nn.Linear`` (so the stock styles accept it), but torch's
-  ``ColwiseParallel`` / ``RowwiseParallel`` partition *all* ``named_parameters()`` of the
-  module (recursing into ``lora_A`` / ``lora_B``); use a style whose partition function
-  distributes ``weight`` / ``bias`` as usual and ``lora_A`` / ``lora_B`` as above.
+  ``ColwiseParallel`` partitions *all* ``named_parameters()`` of the module (recursing into
+  ``lora_A`` / ``lora_B``), so subclass the styles and override ``_partition_linear_fn``:
+  ``distribute_module`` calls it once per submodule; on the layer itself (``name == ""``)
+  register ``weight`` / ``bias`` as the stock style does and set ``lora_A.weight`` /
+  ``lora_B.weight`` to ``nn.Parameter(distribute_tensor(w, mesh, [placement]))`` as above;
+  return early for the children (``name`` is ``"lora_A"`` etc.). Checked on 2 gloo ranks
+  (up_proj colwise + down_proj rowwise, 3 SGD steps): losses identical to one process,
+  adapter weights within 1.5e-8.
   Dropout on a sharded rowwise input draws a different mask than one process would.
-* FSDP2: ``fully_shard`` per block works with the frozen base and trainable adapters in the
-  same group. Base bf16 + adapters fp32 in one group needs a ``MixedPrecisionPolicy``
-  (``param_dtype``) or separate groups, since one all-gather needs one dtype.
+* FSDP2: ``fully_shard`` per block (then the root) works with the frozen base and trainable
+  adapters in the same group, also with a bf16 base and fp32 adapters and no
+  ``MixedPrecisionPolicy`` (torch 2.13; checked on 2 gloo ranks, half batch each, 3 AdamW
+  steps: adapters within 3e-8 of one process, base bit-identical).
 * ``lora_state_dict`` gathers DTensors with ``full_tensor()`` (a collective: call it on every
   rank), and ``write_peft_adapter`` writes an already-gathered state dict, so only rank 0
   needs to write.
