@@ -44,14 +44,49 @@ CHECKS: dict[str, tuple[str, dict]] = {
     "hsdp": ("qwen2_untied", {"dp_replicate": 2}),
     "pp_fsdp": ("qwen2_untied", {"pp": 2}),
     "pp_tp": ("qwen2_untied", {"pp": 2, "tp": 2}),
+    # LoRA (all linear layers; base frozen)
+    "lora_fsdp": ("lora:qwen2_untied", {}),
+    "lora_tp": ("lora:qwen2_untied", {"tp": 2}),
+    "lora_fsdp_tp": ("lora:qwen3", {"tp": 2}),
 }
+
+
+def build_model(family: str):
+    """``lora:<family>`` means the family's tiny model with LoRA on all linear layers."""
+    lora, _, fam = family.rpartition(":")
+    return tiny_model(fam, lora=bool(lora))
+
+
+def check_lora_layout(model, dims: ParallelDims) -> None:
+    """Only adapters train; under TP their shards follow the base layer's (issue 6)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (".lora_" in name), name
+    if not dims.tp_enabled:
+        return
+    attn = model.model.layers["0"].self_attn
+    mlp = model.model.layers["0"].mlp
+
+    def tp_placement(p):
+        assert isinstance(p, DTensor)
+        return p.placements[p.device_mesh.mesh_dim_names.index("tp")]
+
+    for col in (attn.q_proj, attn.v_proj, mlp.up_proj):
+        assert tp_placement(col.weight) == Shard(0)
+        assert tp_placement(col.lora_A.weight) == Replicate()
+        assert tp_placement(col.lora_B.weight) == Shard(0)
+    for row in (attn.o_proj, mlp.down_proj):
+        assert tp_placement(row.weight) == Shard(1)
+        assert tp_placement(row.lora_A.weight) == Shard(1)
+        assert tp_placement(row.lora_B.weight) == Replicate()
 
 
 def run_check(name: str, steps: int, out: Path) -> None:
     family, layout = CHECKS[name]
     cfg = {**FP32, **layout}
     dims = ParallelDims.from_config(cfg, dist.get_world_size())
-    model = tiny_model(family)
+    model = build_model(family)
     dims.check_model(model.config, cfg)
     mesh = dims.build_mesh("cpu")
     pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
@@ -63,6 +98,8 @@ def run_check(name: str, steps: int, out: Path) -> None:
         losses = train_losses(parts, steps, pipeline=pipe, pp_group=pp_group, **common)
     else:
         parts = [parallelize(model, cfg, mesh)]
+        if family.startswith("lora:"):
+            check_lora_layout(parts[0], dims)
         losses = train_losses(parts, steps, **common)
     params = full_params(parts)
     torch.save({"losses": losses, "params": params}, out / f"{name}.rank{dist.get_rank()}.pt")

@@ -13,8 +13,8 @@ import functools
 import pytest
 import torch
 
-from tests.distributed.parallel_worker import CHECKS
-from tests.helpers.distributed import full_params, tiny_model, torchrun, train_losses
+from tests.distributed.parallel_worker import CHECKS, build_model
+from tests.helpers.distributed import full_params, torchrun, train_losses
 
 WORKER = "tests/distributed/parallel_worker.py"
 STEPS = 3
@@ -29,13 +29,15 @@ TWO_RANKS = [
     "pp_gpipe",
     "pp_uneven",
     "pp_interleaved",
+    "lora_fsdp",
+    "lora_tp",
 ]
-FOUR_RANKS = ["fsdp_tp", "fsdp_tp_qknorm", "hsdp", "pp_fsdp", "pp_tp"]
+FOUR_RANKS = ["fsdp_tp", "fsdp_tp_qknorm", "hsdp", "pp_fsdp", "pp_tp", "lora_fsdp_tp"]
 
 
 @functools.cache
 def reference(family: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = tiny_model(family)
+    model = build_model(family)
     losses = train_losses([model], STEPS)
     return losses, full_params([model])
 

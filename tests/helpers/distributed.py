@@ -37,8 +37,12 @@ def tiny_config(family: str = "qwen2_untied", **overrides):
     return ModelConfig.from_hf(hf.to_dict())
 
 
-def tiny_model(family: str = "qwen2_untied", seed: int = 0, **overrides):
-    """A fp32 tunelab Transformer with deterministic random weights (norms and biases too)."""
+def tiny_model(family: str = "qwen2_untied", seed: int = 0, lora: bool = False, **overrides):
+    """A fp32 tunelab Transformer with deterministic random weights (norms and biases too).
+
+    ``lora``: LoRA (r 4) on all linear layers, with lora_B random rather than zero so the
+    first step already trains both adapter matrices.
+    """
     from tunelab.model.transformer import Transformer
 
     torch.manual_seed(seed)
@@ -50,6 +54,14 @@ def tiny_model(family: str = "qwen2_untied", seed: int = 0, **overrides):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    if lora:
+        from tunelab.model.lora import LoraSpec, apply_lora
+
+        apply_lora(model, LoraSpec(r=4, alpha=8.0, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if ".lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model.train()
 
 

@@ -26,6 +26,46 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def _lora_styles():
+    """Column / row styles that also place a LoRA layer's adapters (see tunelab.model.lora).
+
+    Colwise base (weight Shard(0)): ``lora_A`` replicated, ``lora_B`` Shard(0) on the out dim,
+    so the update comes out sharded like the base output. Rowwise base (weight Shard(1)):
+    ``lora_A`` Shard(1) on the in dim, ``lora_B`` replicated; the update stays a partial sum
+    and is reduced with the base output in the layer's one collective.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    def place(module: nn.Module, mesh, placements: dict[str, object]) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            dist_param = nn.Parameter(
+                distribute_tensor(param, mesh, [placements[pname]]),
+                requires_grad=param.requires_grad,
+            )
+            module.register_parameter(pname, dist_param)
+
+    class LoraColwiseParallel(ColwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            if name == "":
+                place(module, device_mesh, {"weight": Shard(0), "bias": Shard(0)})
+            elif name == "lora_A":
+                place(module, device_mesh, {"weight": Replicate()})
+            elif name == "lora_B":
+                place(module, device_mesh, {"weight": Shard(0)})
+
+    class LoraRowwiseParallel(RowwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            if name == "":
+                place(module, device_mesh, {"weight": Shard(1), "bias": Replicate()})
+            elif name == "lora_A":
+                place(module, device_mesh, {"weight": Shard(1)})
+            elif name == "lora_B":
+                place(module, device_mesh, {"weight": Replicate()})
+
+    return LoraColwiseParallel, LoraRowwiseParallel
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True) -> None:
     """Shard ``model`` (a Transformer or a pipeline stage of one) over the 1-D ``tp_mesh``."""
     from torch.distributed.tensor import Replicate, Shard
@@ -38,6 +78,19 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
         parallelize_module,
     )
 
+    from tunelab.model.lora import LoraLinear
+
+    lora_col, lora_row = _lora_styles()
+
+    def colwise(module: nn.Module):
+        return lora_col() if isinstance(module, LoraLinear) else ColwiseParallel()
+
+    def rowwise(module: nn.Module, **kwargs):
+        return lora_row(**kwargs) if isinstance(module, LoraLinear) else RowwiseParallel(**kwargs)
+
+    # Replicating styles (SequenceParallel) make every parameter trainable; frozen ones
+    # (a LoRA run's base) must stay frozen.
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     body = model.model
     seq = Shard(1)
     between = seq if sequence_parallel else Replicate()
@@ -75,6 +128,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
         )
 
     for block in blocks:
+        attn, mlp = block.self_attn, block.mlp
         plan: dict[str, object] = {
             "self_attn": PrepareModuleInput(
                 # (x, cos, sin, mask, cache): only the hidden states are laid out.
@@ -82,18 +136,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
                 desired_input_layouts=(Replicate(), None, None, None, None),
                 use_local_output=True,
             ),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=between),
+            "self_attn.q_proj": colwise(attn.q_proj),
+            "self_attn.k_proj": colwise(attn.k_proj),
+            "self_attn.v_proj": colwise(attn.v_proj),
+            "self_attn.o_proj": rowwise(attn.o_proj, output_layouts=between),
             "mlp": PrepareModuleInput(
                 input_layouts=(between,),
                 desired_input_layouts=(Replicate(),),
                 use_local_output=True,
             ),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=between),
+            "mlp.gate_proj": colwise(mlp.gate_proj),
+            "mlp.up_proj": colwise(mlp.up_proj),
+            "mlp.down_proj": rowwise(mlp.down_proj, output_layouts=between),
         }
         if sequence_parallel:
             plan["input_layernorm"] = SequenceParallel(use_local_output=True)
@@ -103,6 +157,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
             plan["self_attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
             plan["self_attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad[name])
     logger.info(
         "tensor parallel over %d ranks (sequence parallel %s)",
         tp_mesh.size(),
