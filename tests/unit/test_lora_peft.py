@@ -176,3 +176,27 @@ def test_lora_layers_listed(tmp_path):
         "model.layers.0.self_attn.o_proj",
         "model.layers.1.self_attn.o_proj",
     ]
+
+
+def test_wrapper_prefixes_do_not_leak_into_adapter_keys(tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = tiny_hf_model("qwen2")
+    spec = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    apply_lora(model, spec)
+    randomize_tunelab_lora(model)
+    expected = hf_logits(model)
+    model.model.layers[0] = checkpoint_wrapper(model.model.layers[0])
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    assert "model.layers.0.self_attn.q_proj.lora_A.weight" in lora_state_dict(model)
+    save_peft_adapter(model, spec, tmp_path / "a")
+    assert cfg_targets(tmp_path / "a") == ["q_proj", "v_proj"]
+    torch.testing.assert_close(
+        peft_logits(tiny_hf_model("qwen2"), tmp_path / "a"), expected, rtol=0, atol=1e-5
+    )
+    # loading back into the wrapped model finds the layers by their plain names
+    load_peft_adapter(model, tmp_path / "a")
+
+
+def cfg_targets(adapter_dir):
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["target_modules"]

@@ -339,8 +339,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+# Prefixes that wrappers (activation checkpointing, torch.compile, FSDP1) insert into module
+# names; adapters are saved under the plain names.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    """``{name: LoraLinear}``, names without wrapper prefixes (the HF / PEFT names)."""
+    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def apply_lora(
@@ -393,7 +405,8 @@ def merge_lora(model: nn.Module) -> list[str]:
     """Fold every adapter into its base weight (in the weight's dtype), in place, and replace
     the wrapped layers by plain ``nn.Linear``s; returns the merged names."""
     merged = []
-    for name, layer in lora_layers(model).items():
+    raw = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for name, layer in raw:
         w = layer.weight
         w.copy_((w.float() + layer.delta_weight().to(w.device)).to(w.dtype))
         plain = nn.Linear(
@@ -403,7 +416,7 @@ def merge_lora(model: nn.Module) -> list[str]:
         plain.bias = layer.bias
         plain.train(layer.training)
         _set_submodule(model, name, plain)
-        merged.append(name)
+        merged.append(clean_name(name))
     return merged
 
 
