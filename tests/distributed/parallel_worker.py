@@ -37,7 +37,7 @@ CHECKS: dict[str, tuple[str, dict]] = {
     "pp_1f1b": ("qwen2_untied", {"pp": 2}),
     "pp_gpipe": ("qwen2_untied", {"pp": 2, "pp_schedule": "GPipe"}),
     "pp_uneven": ("qwen2_untied", {"pp": 2, "num_layer_list": [1, 3]}),
-    "pp_interleaved": ("qwen2_untied", {"pp": 2, "pp_virtual_stages": 2}),
+    "pp_interleaved": ("qwen2_untied", {"pp": 2, "virtual_stages": 2}),
     # 4 ranks
     "fsdp_tp": ("qwen2_untied", {"tp": 2}),
     "fsdp_tp_qknorm": ("qwen3", {"tp": 2}),
@@ -92,7 +92,7 @@ def run_check(name: str, steps: int, out: Path) -> None:
     pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
     common = dict(dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), dp_group=dp_group(mesh))
     if dims.pp_enabled:
-        n_micro = 2 * int(cfg.get("pp_virtual_stages", 1))
+        n_micro = 2 * int(cfg.get("virtual_stages", 1))
         pipe = build_pipeline(model, mesh, cfg, n_microbatches=n_micro)
         parts = pipe.model_parts
         losses = train_losses(parts, steps, pipeline=pipe, pp_group=pp_group, **common)

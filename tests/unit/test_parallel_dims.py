@@ -71,7 +71,7 @@ def test_impossible_world_layouts(cfg, world, match):
         (
             ParallelDims(pp=2),
             {"virtual_stages": 2, "num_layer_list": [2, 2]},
-            r"2 entries but there are 4 pipeline stages \(pp = 2 x pp_virtual_stages = 2\)",
+            r"2 entries but there are 4 pipeline stages \(pp = 2 x virtual_stages = 2\)",
         ),
     ],
 )

@@ -64,3 +64,42 @@ def test_compile_per_block_same_loss():
     clean = {n.replace("_checkpoint_wrapped_module.", ""): g for n, g in grads.items()}
     for name, g in ref_grads.items():
         torch.testing.assert_close(clean[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_precision_follows_train_precision():
+    from tunelab.parallel.parallelize import mixed_precision
+
+    assert mixed_precision(None, "fp32").param_dtype is None
+    assert mixed_precision(None, "bf16-mixed").param_dtype is torch.bfloat16
+    assert mixed_precision(None, "bf16").reduce_dtype is torch.float32
+    assert mixed_precision({"param_dtype": "fp32"}, "bf16-mixed").param_dtype is torch.float32
+
+
+def test_pipeline_schedule_names():
+    from tunelab.parallel.pipeline import resolve_schedule
+
+    assert resolve_schedule("1f1b", 1).__name__ == "Schedule1F1B"
+    assert resolve_schedule("gpipe", 1).__name__ == "ScheduleGPipe"
+    # A one-stage-per-rank name with virtual stages runs its looped counterpart.
+    assert resolve_schedule("1f1b", 2).__name__ == "ScheduleInterleaved1F1B"
+    assert resolve_schedule("interleaved1f1b", 2).__name__ == "ScheduleInterleaved1F1B"
+    with pytest.raises(ConfigError, match=r"parallel\.pp_schedule = 'zigzag'"):
+        resolve_schedule("zigzag", 1)
+    with pytest.raises(ConfigError, match="needs several stages per rank"):
+        resolve_schedule("interleaved1f1b", 1)
+
+
+def test_split_stage_keeps_global_names():
+    from tunelab.parallel.pipeline import split_stage
+
+    model = tiny_model()
+    first = split_stage(model, 0, [1, 3])
+    last = split_stage(model, 1, [1, 3])
+    assert list(first.model.layers) == ["0"] and list(last.model.layers) == ["1", "2", "3"]
+    assert first.lm_head is None and first.model.norm is None
+    assert last.model.embed_tokens is None and last.lm_head is not None
+    full = model.state_dict()
+    for part in (first, last):
+        for key, value in part.state_dict().items():
+            assert torch.equal(value, full[key]), key
+    assert len(model.model.layers) == 4  # the source model is untouched

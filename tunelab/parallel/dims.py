@@ -26,6 +26,9 @@ ALIASES = {
     "pipeline_model_parallel_size": "pp",
     "data_parallel_replicate": "dp_replicate",
     "data_parallel_shard": "dp_shard",
+    "fsdp_size": "dp_shard",
+    "pp_virtual_stages": "virtual_stages",
+    "recompute": "activation_checkpointing",
 }
 
 
@@ -167,7 +170,7 @@ class ParallelDims:
             hidden_size=model_cfg.hidden_size,
             intermediate_size=model_cfg.intermediate_size,
             num_layer_list=cfg_get(parallel_cfg, "num_layer_list", None),
-            virtual_stages=int(cfg_get(parallel_cfg, "pp_virtual_stages", 1)),
+            virtual_stages=int(cfg_get(parallel_cfg, "virtual_stages", 1)),
         )
 
     def build_mesh(self, device_type: str):
@@ -226,14 +229,14 @@ def stage_layer_counts(
 ) -> list[int]:
     """Layers per pipeline stage (pp * virtual_stages of them, in stage order)."""
     if virtual_stages < 1:
-        raise ConfigError(f"parallel.pp_virtual_stages must be >= 1, got {virtual_stages}")
+        raise ConfigError(f"parallel.virtual_stages must be >= 1, got {virtual_stages}")
     num_stages = pp * virtual_stages
     if num_layer_list:
         counts = [int(n) for n in num_layer_list]
         if len(counts) != num_stages:
             raise ConfigError(
                 f"parallel.num_layer_list has {len(counts)} entries but there are {num_stages} "
-                f"pipeline stages (pp = {pp} x pp_virtual_stages = {virtual_stages}); give one "
+                f"pipeline stages (pp = {pp} x virtual_stages = {virtual_stages}); give one "
                 "layer count per stage"
             )
         if sum(counts) != num_layers:
@@ -248,13 +251,13 @@ def stage_layer_counts(
         return counts
     if num_stages > num_layers:
         raise ConfigError(
-            f"parallel.pp = {pp} x pp_virtual_stages = {virtual_stages} gives {num_stages} "
+            f"parallel.pp = {pp} x virtual_stages = {virtual_stages} gives {num_stages} "
             f"pipeline stages but the model has only {num_layers} layers; use fewer stages"
         )
     if num_layers % num_stages:
         raise ConfigError(
             f"the model's {num_layers} layers do not split evenly over {num_stages} pipeline "
-            f"stages (pp = {pp} x pp_virtual_stages = {virtual_stages}); give an uneven split "
+            f"stages (pp = {pp} x virtual_stages = {virtual_stages}); give an uneven split "
             "with parallel.num_layer_list (e.g. num_layer_list: [...]) or change pp"
         )
     return [num_layers // num_stages] * num_stages

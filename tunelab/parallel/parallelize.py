@@ -60,14 +60,36 @@ def model_blocks(model: nn.Module) -> nn.ModuleDict:
     return layers
 
 
-def parallelize(model: nn.Module, parallel_cfg: Any = None, mesh=None) -> nn.Module:
+def mixed_precision(parallel_cfg: Any = None, precision: str | None = None):
+    """FSDP2 MixedPrecisionPolicy for ``train.precision`` (``parallel_cfg`` keys win).
+
+    ``bf16-mixed``: fp32 parameters, all-gathered and computed in bf16, gradients reduced in
+    fp32 (FSDP's form of autocast). ``fp32`` and ``bf16``: compute in the parameters' own
+    dtype. Gradients are always reduced in fp32: summing bf16 over many ranks loses bits.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    default_param = torch.bfloat16 if precision == "bf16-mixed" else None
+    param = cfg_get(parallel_cfg, "param_dtype", default_param)
+    reduce = cfg_get(parallel_cfg, "reduce_dtype", torch.float32)
+    return MixedPrecisionPolicy(
+        param_dtype=parse_dtype(param, "param_dtype"),
+        reduce_dtype=parse_dtype(reduce, "reduce_dtype"),
+    )
+
+
+def parallelize(
+    model: nn.Module, parallel_cfg: Any = None, mesh=None, *, precision: str | None = None
+) -> nn.Module:
     """Prepare ``model`` (in place) for training under ``mesh``; returns the same module.
 
     ``mesh=None`` means one device: only activation checkpointing and compile apply.
-    Keys read from ``parallel_cfg`` (dataclass, namespace or dict): ``activation_checkpointing``
-    (bool), ``compile`` (bool), ``sequence_parallel`` (bool, default true), ``param_dtype``
-    (default bfloat16) and ``reduce_dtype`` (default float32) for FSDP mixed precision,
-    ``reshard_after_forward`` (default true; pipeline stages use false).
+    Keys read from ``parallel_cfg`` (the ``parallel`` config section, a dataclass, namespace
+    or dict): ``activation_checkpointing``, ``compile``, ``sequence_parallel`` (default
+    true), optionally ``param_dtype`` / ``reduce_dtype`` and ``reshard_after_forward``
+    (default true; pipeline stages use false). ``precision`` is ``train.precision``; it picks
+    the FSDP mixed-precision policy (see :func:`mixed_precision`).
+    Apply LoRA before calling this (wrapper prefixes would hide the target names).
     """
     tp_size = 1 if mesh is None else mesh["tp"].size()
     if tp_size > 1:
@@ -83,7 +105,7 @@ def parallelize(model: nn.Module, parallel_cfg: Any = None, mesh=None) -> nn.Mod
     if _truthy(cfg_get(parallel_cfg, "compile", False)):
         apply_compile(model)
     if mesh is not None and mesh["dp"].size() > 1:
-        apply_fsdp(model, mesh, parallel_cfg)
+        apply_fsdp(model, mesh, mixed_precision(parallel_cfg, precision), parallel_cfg)
     return model
 
 
@@ -106,9 +128,9 @@ def apply_compile(model: nn.Module) -> None:
     logger.info("torch.compile on %d blocks", len(blocks))
 
 
-def apply_fsdp(model: nn.Module, mesh, parallel_cfg: Any = None) -> None:
+def apply_fsdp(model: nn.Module, mesh, mp, parallel_cfg: Any = None) -> None:
     """FSDP2 ``fully_shard`` on every block, then on the root (embeddings, norm, lm_head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from tunelab.parallel.dims import ParallelDims, fsdp_mesh
 
@@ -119,10 +141,6 @@ def apply_fsdp(model: nn.Module, mesh, parallel_cfg: Any = None) -> None:
         pp=mesh["pp"].size(),
     )
     shard_mesh = fsdp_mesh(mesh, dims)
-    mp = MixedPrecisionPolicy(
-        param_dtype=parse_dtype(cfg_get(parallel_cfg, "param_dtype", "bfloat16"), "param_dtype"),
-        reduce_dtype=parse_dtype(cfg_get(parallel_cfg, "reduce_dtype", "float32"), "reduce_dtype"),
-    )
     reshard = bool(cfg_get(parallel_cfg, "reshard_after_forward", True))
     blocks = model_blocks(model)
     sharded = []
@@ -142,7 +160,7 @@ def apply_fsdp(model: nn.Module, mesh, parallel_cfg: Any = None) -> None:
         "FSDP2 over %s (%d ranks), param %s, reduce %s",
         "dp_replicate x dp_shard" if dims.dp_replicate > 1 else "dp_shard",
         dims.dp_size,
-        mp.param_dtype,
+        mp.param_dtype or "as stored",
         mp.reduce_dtype,
     )
 

@@ -3,7 +3,7 @@
 A stage is a copy of the Transformer that keeps only its layers (global names kept, since
 ``model.layers`` is a ModuleDict keyed by layer index) and sets ``model.embed_tokens`` (all
 but the first stage), ``model.norm`` and ``lm_head`` (all but the last) to None; the model's
-forward then takes / returns hidden states. With ``pp_virtual_stages = v`` each rank holds v
+forward then takes / returns hidden states. With ``virtual_stages = v`` each rank holds v
 stages, stage ``s`` on pp rank ``s % pp`` (the looped placement interleaved schedules need).
 
 The last stage computes the chunked loss inside its forward (labels are passed to every stage
@@ -144,7 +144,8 @@ class Pipeline:
 
 
 def resolve_schedule(name: str | None, virtual_stages: int):
-    """The torch schedule class for a config name; interleaved when virtual stages are on."""
+    """The torch schedule class for a config name; its looped (interleaved) counterpart when
+    there are several virtual stages per rank."""
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
     if not name:
@@ -155,18 +156,20 @@ def resolve_schedule(name: str | None, virtual_stages: int):
     except ValueError as e:
         raise ConfigError(
             f"parallel.pp_schedule = {name!r} is not a pipeline schedule; use 1F1B, GPipe, "
-            "Interleaved1F1B (with pp_virtual_stages > 1), LoopedBFS or InterleavedZeroBubble"
+            "Interleaved1F1B (with virtual_stages > 1), LoopedBFS or InterleavedZeroBubble"
         ) from e
     single = issubclass(cls, PipelineScheduleSingle)
     if single and virtual_stages > 1:
-        raise ConfigError(
-            f"parallel.pp_schedule = {name!r} runs one stage per rank but pp_virtual_stages = "
-            f"{virtual_stages}; use Interleaved1F1B (or set pp_virtual_stages: 1)"
+        # The looped counterpart of a one-stage-per-rank schedule.
+        looped = "LoopedBFS" if canonical == "GPipe" else "Interleaved1F1B"
+        logger.info(
+            "parallel.virtual_stages = %d: running %s instead of %s", virtual_stages, looped, name
         )
+        return get_schedule_class(looped)
     if not single and virtual_stages == 1:
         raise ConfigError(
             f"parallel.pp_schedule = {name!r} needs several stages per rank; set "
-            "pp_virtual_stages > 1 or use 1F1B / GPipe"
+            "virtual_stages > 1 or use 1F1B / GPipe"
         )
     return cls
 
@@ -177,6 +180,8 @@ def build_pipeline(
     parallel_cfg: Any,
     n_microbatches: int,
     device: torch.device | str | None = None,
+    *,
+    precision: str | None = None,
 ) -> Pipeline:
     """Split ``model`` into this rank's stages, parallelize each over the other mesh axes
     (TP, AC, compile, FSDP as :func:`parallelize` does) and build the schedule.
@@ -190,7 +195,7 @@ def build_pipeline(
 
     pp_mesh = mesh["pp"]
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
-    virtual = int(cfg_get(parallel_cfg, "pp_virtual_stages", 1))
+    virtual = int(cfg_get(parallel_cfg, "virtual_stages", 1))
     schedule_cls = resolve_schedule(cfg_get(parallel_cfg, "pp_schedule", None), virtual)
     if getattr(model.config, "tie_word_embeddings", False):
         raise ConfigError(
@@ -218,7 +223,7 @@ def build_pipeline(
     parts, stages, ids = [], [], stage_ids(pp_rank, pp_size, virtual)
     for stage in ids:
         part = split_stage(model, stage, counts)
-        parallelize(part, stage_cfg, mesh)
+        parallelize(part, stage_cfg, mesh, precision=precision)
         parts.append(part)
         stages.append(PipelineStage(part, stage, num_stages, device, group=pp_mesh.get_group()))
     loss_fn = TokenNormalizedLoss()
