@@ -90,19 +90,25 @@ def run_check(name: str, steps: int, out: Path) -> None:
     dims.check_model(model.config, cfg)
     mesh = dims.build_mesh("cpu")
     pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
+    norms: list[float] = []
     common = dict(dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), dp_group=dp_group(mesh))
     if dims.pp_enabled:
         n_micro = 2 * int(cfg.get("virtual_stages", 1))
         pipe = build_pipeline(model, mesh, cfg, n_microbatches=n_micro)
         parts = pipe.model_parts
-        losses = train_losses(parts, steps, pipeline=pipe, pp_group=pp_group, **common)
+        losses = train_losses(
+            parts, steps, pipeline=pipe, pp_group=pp_group, grad_norms=norms, **common
+        )
     else:
         parts = [parallelize(model, cfg, mesh)]
         if family.startswith("lora:"):
             check_lora_layout(parts[0], dims)
-        losses = train_losses(parts, steps, **common)
+        losses = train_losses(parts, steps, grad_norms=norms, **common)
     params = full_params(parts)
-    torch.save({"losses": losses, "params": params}, out / f"{name}.rank{dist.get_rank()}.pt")
+    torch.save(
+        {"losses": losses, "grad_norms": norms, "params": params},
+        out / f"{name}.rank{dist.get_rank()}.pt",
+    )
 
 
 def main() -> int:

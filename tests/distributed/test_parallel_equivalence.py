@@ -36,19 +36,23 @@ FOUR_RANKS = ["fsdp_tp", "fsdp_tp_qknorm", "hsdp", "pp_fsdp", "pp_tp", "lora_fsd
 
 
 @functools.cache
-def reference(family: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(family: str) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     model = build_model(family)
-    losses = train_losses([model], STEPS)
-    return losses, full_params([model])
+    norms: list[float] = []
+    losses = train_losses([model], STEPS, grad_norms=norms)
+    return losses, norms, full_params([model])
 
 
 def _check(out, name: str, nproc: int) -> None:
-    ref_losses, ref_params = reference(CHECKS[name][0])
+    ref_losses, ref_norms, ref_params = reference(CHECKS[name][0])
+    # Clipping must act (norm above max_grad_norm) for the test to cover it.
+    assert max(ref_norms) > 0.5
     params: dict[str, torch.Tensor] = {}
     for rank in range(nproc):
         result = torch.load(out / f"{name}.rank{rank}.pt")
         # Every rank reports the same (all-reduced) loss.
         assert result["losses"] == pytest.approx(ref_losses, rel=1e-5), (name, rank)
+        assert result["grad_norms"] == pytest.approx(ref_norms, rel=1e-5), (name, rank)
         params.update(result["params"])
     assert params.keys() == ref_params.keys(), name
     for key, ref in ref_params.items():

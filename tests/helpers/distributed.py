@@ -162,6 +162,8 @@ def train_losses(
     pipeline=None,
     batch_size: int = 4,
     lr: float = 2.0,
+    max_grad_norm: float = 0.5,
+    grad_norms: list[float] | None = None,
 ) -> list[float]:
     """SGD steps on the shared packed batches, loss = sum / global supervised tokens.
 
@@ -169,6 +171,8 @@ def train_losses(
     summed over dp ranks (as the trainer does); the logged loss is summed over dp and pp.
     """
     import torch.distributed as dist
+
+    from tunelab.parallel.grad import clip_grad_norm_
 
     params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
     # Plain SGD: the update is proportional to the gradient, so a wrong gradient scale (say
@@ -194,6 +198,9 @@ def train_losses(
         for group in (dp_group, pp_group):
             if group is not None:
                 dist.all_reduce(part, group=group)
+        norm = clip_grad_norm_(params, max_grad_norm, pp_group=pp_group)
+        if grad_norms is not None:
+            grad_norms.append(norm.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(part.item())
