@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.helpers.distributed import full_params, tiny_model, train_losses
+from tests.helpers.distributed import adamw, full_params, tiny_model, train_losses
 from tunelab.parallel.dims import ParallelDims, dp_group, dp_rank, dp_size
 from tunelab.parallel.parallelize import parallelize
 from tunelab.parallel.pipeline import build_pipeline
@@ -111,6 +111,48 @@ def run_check(name: str, steps: int, out: Path) -> None:
     )
 
 
+def run_reshard(steps: int, out: Path) -> None:
+    """Train under FSDP, save with DCP, resume under TP in a fresh model; losses continue.
+
+    The checkpoint is left in ``out/reshard_ckpt`` for the pytest side to resume in one
+    process too.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    world = dist.get_world_size()
+    ckpt = out / "reshard_ckpt"
+    layouts = ({**FP32}, {**FP32, "tp": world})
+    losses: list[float] = []
+    for phase, cfg in enumerate(layouts):
+        dims = ParallelDims.from_config(cfg, world)
+        mesh = dims.build_mesh("cpu")
+        # A different seed for the resumed model: only the checkpoint can make it match.
+        model = parallelize(tiny_model(seed=phase * 7), cfg, mesh)
+        opt = adamw([model])
+        if phase == 1:
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=str(ckpt))
+            set_state_dict(
+                model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+        losses += train_losses(
+            [model],
+            steps,
+            optimizer=opt,
+            first_step=phase * steps,
+            dp_rank=dp_rank(mesh),
+            dp_size=dp_size(mesh),
+            dp_group=dp_group(mesh),
+        )
+        if phase == 0:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt))
+    name = "reshard_fsdp_to_tp"
+    torch.save({"losses": losses}, out / f"{name}.rank{dist.get_rank()}.pt")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -122,7 +164,10 @@ def main() -> int:
     code = 1
     try:
         for name in args.checks.split(","):
-            run_check(name, args.steps, args.out)
+            if name == "reshard_fsdp_to_tp":
+                run_reshard(args.steps, args.out)
+            else:
+                run_check(name, args.steps, args.out)
         code = 0
     except Exception:
         traceback.print_exc()

@@ -31,6 +31,7 @@ TWO_RANKS = [
     "pp_interleaved",
     "lora_fsdp",
     "lora_tp",
+    "reshard_fsdp_to_tp",
 ]
 FOUR_RANKS = ["fsdp_tp", "fsdp_tp_qknorm", "hsdp", "pp_fsdp", "pp_tp", "lora_fsdp_tp"]
 
@@ -66,9 +67,33 @@ def two_rank_results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", TWO_RANKS)
+@pytest.mark.parametrize("name", [n for n in TWO_RANKS if n in CHECKS])
 def test_two_ranks_match_single_process(two_rank_results, name):
     _check(two_rank_results, name, 2)
+
+
+def test_checkpoint_saved_under_fsdp_resumes_under_tp_and_one_process(two_rank_results):
+    """DCP resharding: FSDP 2 -> TP 2 and FSDP 2 -> 1 process continue the same losses."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from tests.helpers.distributed import adamw, tiny_model
+
+    model = tiny_model()
+    uninterrupted = train_losses([model], 2 * STEPS, optimizer=adamw([model]))
+
+    for rank in range(2):
+        result = torch.load(two_rank_results / f"reshard_fsdp_to_tp.rank{rank}.pt")
+        assert result["losses"] == pytest.approx(uninterrupted, rel=1e-5), rank
+
+    model = tiny_model(seed=7)
+    opt = adamw([model])
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(two_rank_results / "reshard_ckpt"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    resumed = train_losses([model], STEPS, optimizer=opt, first_step=STEPS)
+    assert resumed == pytest.approx(uninterrupted[STEPS:], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -164,9 +164,12 @@ def train_losses(
     lr: float = 2.0,
     max_grad_norm: float = 0.5,
     grad_norms: list[float] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    first_step: int = 0,
 ) -> list[float]:
     """SGD steps on the shared packed batches, loss = sum / global supervised tokens.
 
+    ``optimizer`` replaces the SGD default; ``first_step`` skips that many batches (resume).
     Each data-parallel rank takes its contiguous slice of rows; the supervised-token count is
     summed over dp ranks (as the trainer does); the logged loss is summed over dp and pp.
     """
@@ -177,9 +180,9 @@ def train_losses(
     params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
     # Plain SGD: the update is proportional to the gradient, so a wrong gradient scale (say
     # FSDP averaging instead of summing) changes the losses; Adam would hide it.
-    opt = torch.optim.SGD(params, lr=lr)
+    opt = optimizer or torch.optim.SGD(params, lr=lr)
     losses = []
-    for batch in batches(steps, batch=batch_size):
+    for batch in batches(first_step + steps, batch=batch_size)[first_step:]:
         rows = batch_size // dp_size
         local = {k: v[dp_rank * rows : (dp_rank + 1) * rows] for k, v in batch.items()}
         count = torch.tensor(float(global_num_tokens(local)))
@@ -217,3 +220,9 @@ def full_params(model_parts: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
             t = p.full_tensor() if isinstance(p, DTensor) else p
             out[clean_name(name)] = t.detach().clone()
     return out
+
+
+def adamw(model_parts: list[torch.nn.Module]) -> torch.optim.AdamW:
+    """AdamW with state worth resharding (moments, step) for checkpoint tests."""
+    params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, foreach=False)
