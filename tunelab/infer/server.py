@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +33,10 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 class OpenAIServer(ThreadingHTTPServer):
     """The HTTP server plus the engine worker; `close()` stops both."""
 
-    daemon_threads = True
+    # Handler threads are joined on close; open keep-alive connections are shut down first,
+    # so nothing of ours is left running when the interpreter exits.
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
 
     def __init__(
@@ -52,16 +56,39 @@ class OpenAIServer(ThreadingHTTPServer):
         self.created = int(time.time())
         self.worker = BatchWorker(engine, max_batch_size, batch_wait_s).start()
         self.tokenizer_lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+
+    def process_request_thread(self, request, client_address) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(request)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
+    def close(self, serving: bool = True) -> None:
+        """Stop accepting, cancel running generations, end open connections, join threads.
+
+        ``serving=False`` when `serve_forever` already returned (e.g. after Ctrl-C).
+        """
+        if serving:
+            self.shutdown()
         self.worker.stop()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -341,6 +368,5 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
-        server.worker.stop()
+        server.close(serving=False)
     return 0

@@ -43,6 +43,9 @@ class BatchWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
         self._stopped = threading.Event()
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self._current: list[Job] = []
         self.num_batches = 0
         self.max_batch_seen = 0
 
@@ -56,10 +59,28 @@ class BatchWorker:
         for job in jobs:
             self._queue.put(job)
 
+    def pause(self) -> None:
+        """Hold new batches (queued jobs wait); the running batch finishes."""
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    def num_queued(self) -> int:
+        return self._queue.qsize()
+
     def stop(self, timeout: float | None = 30.0) -> None:
+        """Cancel running and queued jobs (their clients get a final event), end the thread."""
         self._stopped.set()
+        for job in list(self._current):
+            job.cancel.set()
+        self._resumed.set()
         self._queue.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _cancel(self, job: Job) -> None:
+        job.out.put((job.choice, TokenEvent(0, None, "", "cancelled")))
 
     def _take_batch(self, first: Job) -> list[Job]:
         batch = [first]
@@ -84,13 +105,29 @@ class BatchWorker:
         while True:
             first = self._queue.get()
             if first is None:
-                return
-            batch = [j for j in self._take_batch(first) if not j.cancel.is_set()]
+                break
+            self._resumed.wait()
+            batch = self._take_batch(first)
+            for job in batch:
+                if job.cancel.is_set() or self._stopped.is_set():
+                    self._cancel(job)
+            batch = [j for j in batch if not (j.cancel.is_set() or self._stopped.is_set())]
             if not batch:
                 continue
             self.num_batches += 1
             self.max_batch_seen = max(self.max_batch_seen, len(batch))
-            self._run(batch)
+            self._current = batch
+            try:
+                self._run(batch)
+            finally:
+                self._current = []
+        while True:  # jobs submitted while stopping still get an answer
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._cancel(job)
 
     def _run(self, batch: list[Job]) -> None:
         requests = [GenRequest(j.prompt_ids, j.config, j.cancel.is_set) for j in batch]
