@@ -10,10 +10,7 @@ For each check every rank writes ``DIR/{check}.rank{r}.pt`` = {"losses": [...], 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ import torch.distributed as dist
 
 from tests.helpers.distributed import adamw, full_params, tiny_model, train_losses
 from tunelab.parallel.dims import ParallelDims, dp_group, dp_rank, dp_size
+from tunelab.parallel.launch import exit_process, init_distributed
 from tunelab.parallel.parallelize import parallelize
 from tunelab.parallel.pipeline import build_pipeline
 
@@ -159,7 +157,8 @@ def main() -> int:
     parser.add_argument("--checks", required=True)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    env = init_distributed("cpu", timeout_s=120)
+    assert env.backend == "gloo" and env.world_size == dist.get_world_size()
     torch.use_deterministic_algorithms(True)
     code = 1
     try:
@@ -172,11 +171,8 @@ def main() -> int:
     except Exception:
         traceback.print_exc()
     finally:
-        # gloo may abort in interpreter shutdown (pytorch#190489): skip finalization.
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        # destroy_process_group + flush + os._exit: gloo may abort in interpreter shutdown.
+        exit_process(code)
 
 
 if __name__ == "__main__":
