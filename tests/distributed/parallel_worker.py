@@ -29,6 +29,8 @@ CHECKS: dict[str, tuple[str, dict]] = {
     "fsdp": ("qwen2_untied", {}),
     "fsdp_ac": ("qwen2_untied", {"activation_checkpointing": True}),
     "fsdp_tied": ("qwen2", {}),
+    # bf16 all-gather and compute, fp32 master weights and reduction (train.precision bf16-mixed)
+    "fsdp_bf16": ("qwen2_untied", {"param_dtype": "bfloat16"}),
     "tp": ("qwen2_untied", {"tp": 2}),
     "tp_nosp": ("qwen2_untied", {"tp": 2, "sequence_parallel": False}),
     "tp_tied_qknorm": ("qwen3", {"tp": 2}),
