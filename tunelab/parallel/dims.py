@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -194,23 +195,27 @@ class ParallelDims:
 
 def dp_mesh(mesh):
     """The flattened data-parallel sub-mesh (all replicas that read different data)."""
-    return mesh["dp"]
+    with warnings.catch_warnings():
+        # torch announces that slicing a flattened axis from the root mesh will change; the
+        # flattened axis is created by build_mesh and slicing it works in this torch.
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        return mesh["dp"]
 
 
 def dp_rank(mesh) -> int:
     """This process's index among data-parallel replicas: which slice of data it reads."""
-    return 0 if mesh is None else mesh["dp"].get_local_rank()
+    return 0 if mesh is None else dp_mesh(mesh).get_local_rank()
 
 
 def dp_size(mesh) -> int:
-    return 1 if mesh is None else mesh["dp"].size()
+    return 1 if mesh is None else mesh["dp_replicate"].size() * mesh["dp_shard"].size()
 
 
 def dp_group(mesh):
     """Process group over which token counts and losses are summed (None on one device)."""
-    if mesh is None or mesh["dp"].size() == 1:
+    if mesh is None or dp_size(mesh) == 1:
         return None
-    return mesh["dp"].get_group()
+    return dp_mesh(mesh).get_group()
 
 
 def fsdp_mesh(mesh, dims: ParallelDims):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.parallel.dims import cfg_get
+from tunelab.parallel.dims import cfg_get, dp_size
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def parallelize(
         apply_activation_checkpointing(model)
     if _truthy(cfg_get(parallel_cfg, "compile", False)):
         apply_compile(model)
-    if mesh is not None and mesh["dp"].size() > 1:
+    if mesh is not None and dp_size(mesh) > 1:
         apply_fsdp(model, mesh, mixed_precision(parallel_cfg, precision), parallel_cfg)
     return model
 
