@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers.distributed import adamw, full_params, tiny_model, train_losses
-from tunelab.parallel.dims import ParallelDims, dp_group, dp_rank, dp_size
+from tunelab.parallel.dims import ParallelDims
 from tunelab.parallel.launch import exit_process, init_distributed
 from tunelab.parallel.parallelize import parallelize
 from tunelab.parallel.pipeline import build_pipeline
@@ -89,21 +89,19 @@ def run_check(name: str, steps: int, out: Path) -> None:
     model = build_model(family)
     dims.check_model(model.config, cfg)
     mesh = dims.build_mesh("cpu")
-    pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
     norms: list[float] = []
-    common = dict(dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), dp_group=dp_group(mesh))
     if dims.pp_enabled:
         n_micro = 2 * int(cfg.get("virtual_stages", 1))
         pipe = build_pipeline(model, mesh, cfg, n_microbatches=n_micro)
         parts = pipe.model_parts
-        losses = train_losses(
-            parts, steps, pipeline=pipe, pp_group=pp_group, grad_norms=norms, **common
-        )
+        losses = train_losses(parts, steps, mesh=mesh, pipeline=pipe, grad_norms=norms)
     else:
         parts = [parallelize(model, cfg, mesh)]
         if family.startswith("lora:"):
             check_lora_layout(parts[0], dims)
-        losses = train_losses(parts, steps, grad_norms=norms, **common)
+        # Two micro-batches per rank: accumulation with unequal token counts per micro-batch.
+        micro = 2 if dims.dp_size <= 2 else 1
+        losses = train_losses(parts, steps, mesh=mesh, num_micro=micro, grad_norms=norms)
     params = full_params(parts)
     torch.save(
         {"losses": losses, "grad_norms": norms, "params": params},
@@ -142,9 +140,7 @@ def run_reshard(steps: int, out: Path) -> None:
             steps,
             optimizer=opt,
             first_step=phase * steps,
-            dp_rank=dp_rank(mesh),
-            dp_size=dp_size(mesh),
-            dp_group=dp_group(mesh),
+            mesh=mesh,
         )
         if phase == 0:
             msd, osd = get_state_dict(model, opt)

@@ -155,11 +155,9 @@ def train_losses(
     model_parts: list[torch.nn.Module],
     steps: int,
     *,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    dp_group=None,
-    pp_group=None,
+    mesh=None,
     pipeline=None,
+    num_micro: int = 1,
     batch_size: int = 4,
     lr: float = 2.0,
     max_grad_norm: float = 0.5,
@@ -169,44 +167,40 @@ def train_losses(
 ) -> list[float]:
     """SGD steps on the shared packed batches, loss = sum / global supervised tokens.
 
-    ``optimizer`` replaces the SGD default; ``first_step`` skips that many batches (resume).
-    Each data-parallel rank takes its contiguous slice of rows; the supervised-token count is
-    summed over dp ranks (as the trainer does); the logged loss is summed over dp and pp.
+    Each data-parallel rank takes its contiguous slice of rows and cuts it into ``num_micro``
+    micro-batches (the pipeline's count under PP); the step goes through the library's
+    ``forward_backward`` / ``global_count`` / ``global_loss`` / ``clip_grad_norm_``, as the
+    trainer's does. ``optimizer`` replaces the SGD default; ``first_step`` skips that many
+    batches (resume). Returns the global loss of every step.
     """
-    import torch.distributed as dist
-
+    from tunelab.parallel.dims import dp_rank, dp_size
     from tunelab.parallel.grad import clip_grad_norm_
+    from tunelab.parallel.step import forward_backward, global_count, global_loss
 
     params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
     # Plain SGD: the update is proportional to the gradient, so a wrong gradient scale (say
     # FSDP averaging instead of summing) changes the losses; Adam would hide it.
     opt = optimizer or torch.optim.SGD(params, lr=lr)
+    pp_group = mesh["pp"].get_group() if mesh is not None and mesh["pp"].size() > 1 else None
+    if pipeline is not None:
+        num_micro = pipeline.n_microbatches
+    rank, size = dp_rank(mesh), dp_size(mesh)
     losses = []
     for batch in batches(first_step + steps, batch=batch_size)[first_step:]:
-        rows = batch_size // dp_size
-        local = {k: v[dp_rank * rows : (dp_rank + 1) * rows] for k, v in batch.items()}
-        count = torch.tensor(float(global_num_tokens(local)))
-        if dp_group is not None:
-            dist.all_reduce(count, group=dp_group)
-        if pipeline is not None:
-            part = pipeline.step(
-                local["input_ids"], local["labels"], local["position_ids"], count.item()
-            )
-        else:
-            (model,) = model_parts
-            loss_sum, _ = model.loss(**local)
-            (loss_sum / count).backward()
-            part = loss_sum.detach() / count
-        part = part.detach().clone().float()
-        for group in (dp_group, pp_group):
-            if group is not None:
-                dist.all_reduce(part, group=group)
+        rows = batch_size // size
+        local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
+        per = rows // num_micro
+        micro = [
+            {k: v[i * per : (i + 1) * per] for k, v in local.items()} for i in range(num_micro)
+        ]
+        count = global_count(global_num_tokens(local), mesh)
+        part = forward_backward(pipeline or model_parts[0], micro, count)
         norm = clip_grad_norm_(params, max_grad_norm, pp_group=pp_group)
         if grad_norms is not None:
             grad_norms.append(norm.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(part.item())
+        losses.append(global_loss(part, mesh).item())
     return losses
 
 
