@@ -103,3 +103,19 @@ def test_split_stage_keeps_global_names():
         for key, value in part.state_dict().items():
             assert torch.equal(value, full[key]), key
     assert len(model.model.layers) == 4  # the source model is untouched
+
+
+def test_forward_backward_accumulates_like_one_batch():
+    from tests.helpers.distributed import global_num_tokens
+    from tunelab.parallel.step import forward_backward, global_count, global_loss
+
+    batch = packed_batch()
+    n = global_num_tokens(batch)
+    ref = tiny_model()
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    model = tiny_model()
+    micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
+    local = forward_backward(model, micro, global_count(n, None))
+    assert global_loss(local, None).item() == pytest.approx(ref_loss, rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-7)
