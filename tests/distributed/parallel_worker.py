@@ -92,7 +92,18 @@ def run_check(name: str, steps: int, out: Path) -> None:
     norms: list[float] = []
     if dims.pp_enabled:
         n_micro = 2 * int(cfg.get("virtual_stages", 1))
-        pipe = build_pipeline(model, mesh, cfg, n_microbatches=n_micro)
+        init_part = None
+        if name == "pp_uneven":
+            # The large-model path: split a meta-device model, materialize each stage alone.
+            full = model.state_dict()
+            with torch.device("meta"):
+                model = build_model(family)
+
+            def init_part(part):
+                part.to_empty(device="cpu")
+                part.load_state_dict({k: full[k] for k in part.state_dict()})
+
+        pipe = build_pipeline(model, mesh, cfg, n_microbatches=n_micro, init_part=init_part)
         parts = pipe.model_parts
         losses = train_losses(parts, steps, mesh=mesh, pipeline=pipe, grad_norms=norms)
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,12 +183,18 @@ def build_pipeline(
     device: torch.device | str | None = None,
     *,
     precision: str | None = None,
+    init_part: Callable[[nn.Module], None] | None = None,
 ) -> Pipeline:
     """Split ``model`` into this rank's stages, parallelize each over the other mesh axes
     (TP, AC, compile, FSDP as :func:`parallelize` does) and build the schedule.
 
     ``n_microbatches`` is how many micro-batches each step's per-rank batch is cut into
     (usually the gradient-accumulation count). ``model`` itself is left untouched.
+
+    For a large model pass it on the ``meta`` device together with ``init_part``, which
+    materializes one stage in place before it is parallelized, e.g.
+    ``lambda part: (part.to_empty(device=dev), load_weights(part, hf_dir, strict=False))``:
+    each rank then only ever allocates its own stages.
     """
     from torch.distributed.pipelining import PipelineStage
 
@@ -223,6 +230,8 @@ def build_pipeline(
     parts, stages, ids = [], [], stage_ids(pp_rank, pp_size, virtual)
     for stage in ids:
         part = split_stage(model, stage, counts)
+        if init_part is not None:
+            init_part(part)
         parallelize(part, stage_cfg, mesh, precision=precision)
         parts.append(part)
         stages.append(PipelineStage(part, stage, num_stages, device, group=pp_mesh.get_group()))
