@@ -21,7 +21,7 @@ PROMPTS = ["The quick brown", "Hello world", "def add(a, b):", "Über café", "1
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tiny_tokenizer_dir):
     d = lively_model_dir(tmp_path_factory.mktemp("srv"), "qwen2_untied", tiny_tokenizer_dir)
-    return Engine.from_pretrained(d, device="cpu", name="tiny")
+    return Engine.from_pretrained(d, device="cpu", name="tiny", prompt_type="qwen")
 
 
 def _serve(engine, **kwargs):
@@ -89,6 +89,60 @@ def test_completion_streaming_equals_non_streaming(client, engine):
     assert text == _expected(engine, PROMPTS[2], 12)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": "Hi! 你好"},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "12 + "}, {"type": "text", "text": "30?"}],
+    },
+]
+CHAT_FLAT = [*CHAT[:3], {"role": "user", "content": "12 + 30?"}]
+
+
+def test_chat_non_streaming(client, engine):
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10, temperature=0)
+    ids = engine.encode_chat(CHAT_FLAT)
+    want = engine.complete([ids], GenerationConfig(max_new_tokens=10))[0]
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_streaming(client, engine):
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=CHAT, max_completion_tokens=10, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    want = engine.complete([engine.encode_chat(CHAT_FLAT)], GenerationConfig(max_new_tokens=10))
+    assert text == want[0].text
+    assert chunks[-1].choices[0].finish_reason == want[0].finish_reason
+
+
+def test_chat_must_end_with_a_user_turn(client):
+    with pytest.raises(openai.BadRequestError, match="user"):
+        client.chat.completions.create(model="tiny", messages=CHAT[:3], max_tokens=3)
+
+
+def test_chat_without_template_is_a_clear_error(tmp_path, engine):
+    plain = Engine(engine.model, engine.tokenizer, engine.cfg, device=engine.device,
+                   dtype=engine.dtype, name="tiny")  # fmt: skip
+    server, thread = _serve(plain)
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="--prompt-type"):
+            c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3)
+        c.close()
+    finally:
+        server.close()
+        thread.join(10)
 
 
 def test_completion_batch_of_prompts_and_token_ids(client, engine):

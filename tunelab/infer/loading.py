@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, TunelabError
 from tunelab.infer.sampling import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,13 @@ def read_generation_defaults(model_dir: Path, cfg, tokenizer) -> tuple[Generatio
 
 
 def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    # preprocess's own loader: the same directory gives the same ids in training and serving
+    # (transformers picks the tokenizer class from config.json when one is present).
+    from tunelab.data.preprocess import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
+        return load_tokenizer(str(path))
+    except TunelabError as e:
         raise CheckpointError(
             f"{path}: no usable tokenizer ({e}); the model directory needs tokenizer.json / "
             "tokenizer_config.json next to config.json"
