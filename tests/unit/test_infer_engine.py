@@ -139,3 +139,25 @@ def test_prompt_errors(engine):
 def test_generation_is_clamped_to_the_context(engine):
     out = engine.complete([[7] * 250], NO_STOP.replace(max_new_tokens=100))[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_static_cache_decode_equals_dynamic(qwen_dir, engine):
+    static = Engine.from_pretrained(qwen_dir, device="cpu", static_cache=True)
+    configs = [NO_STOP.replace(max_new_tokens=n) for n in (3, NEW, 5, NEW)]
+    want = engine.complete(PROMPTS, configs)
+    got = static.complete(PROMPTS, configs)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+
+
+@pytest.mark.gpu
+def test_compiled_decode_on_gpu_equals_transformers(qwen_dir):
+    eng = Engine.from_pretrained(qwen_dir, device="cuda", dtype="float32", compile=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(qwen_dir)).eval().cuda()
+    width = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS]).cuda()
+    mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in PROMPTS])[:, None]
+    out = hf.generate(ids, attention_mask=mask.long().cuda(), max_new_tokens=NEW,
+                      min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert eng.generate(PROMPTS, NO_STOP) == out[:, width:].tolist()
+    assert eng.generate(PROMPTS, NO_STOP) == out[:, width:].tolist()  # reuses the graph

@@ -88,6 +88,7 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         max_batch_size: int = 16,
         compile: bool = False,
+        static_cache: bool | None = None,
         name: str = "model",
     ) -> None:
         if prompt_type and hf_chat_template:
@@ -117,10 +118,10 @@ class Engine:
                     tokenizer, prompt_type=prompt_type, hf_chat_template=hf_chat_template
                 )
             )
-        self._decode_model = model
-        if compile:
-            # Decode shapes grow by one slot per step; dynamic=True compiles once for all.
-            self._decode_model = torch.compile(model, dynamic=True)
+        # The compiled decode step needs fixed shapes: a static cache, and finished rows stay
+        # in the batch (dropping them would change the batch size).
+        self.static_cache = compile if static_cache is None else static_cache
+        self._decode_model = torch.compile(model) if compile else model
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -134,6 +135,7 @@ class Engine:
         hf_chat_template: bool = False,
         *,
         compile: bool = False,
+        static_cache: bool | None = None,
         max_batch_size: int = 16,
         name: str | None = None,
     ) -> Engine:
@@ -153,6 +155,7 @@ class Engine:
             eos_token_ids=loaded.eos_token_ids,
             max_batch_size=max_batch_size,
             compile=compile,
+            static_cache=static_cache,
             name=name or Path(model_dir).name,
         )
 
@@ -263,24 +266,34 @@ class Engine:
             mask[b, width - n :] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         # The last sampled token is never fed back, so width + steps - 1 slots suffice.
-        cache = KVCache(self.cfg, batch, width + steps - 1, self.dtype, dev)
+        num_slots = width + steps - 1
+        if self.static_cache:
+            from tunelab.infer.static_cache import StaticKVCache
+
+            # Round up so a compiled decode step is reused across similar requests.
+            num_slots = -(-num_slots // 128) * 128
+            cache = StaticKVCache(self.cfg, batch, num_slots, self.dtype, dev)
+        else:
+            cache = KVCache(self.cfg, batch, num_slots, self.dtype, dev)
         cache.set_prompt_padding(mask)
         pos = KVCache.prefill_position_ids(mask)
         sampler = Sampler([r.request.config for r in rows], self.vocab_size, dev)
         sampler.observe([r.request.prompt_ids for r in rows])
         logits = self._logits_last(self.model, input_ids, pos, cache)
+        if self.static_cache:
+            cache.freeze()
         last_pos = pos[:, -1]
         active = rows
         while True:
             nxt = sampler(logits).tolist()
-            events: list[TokenEvent] = []
-            for r, tok in zip(active, nxt):
-                events.append(self._advance(r, tok))
+            events = [
+                self._advance(r, tok) for r, tok in zip(active, nxt) if r.finish_reason is None
+            ]
             yield events
             keep = [i for i, r in enumerate(active) if r.finish_reason is None]
             if not keep:
                 return
-            if len(keep) < len(active):
+            if len(keep) < len(active) and not self.static_cache:
                 cache.select_rows(keep)
                 sampler.select_rows(keep)
                 keep_t = torch.tensor(keep, device=dev)
