@@ -38,11 +38,13 @@ CHECKS: dict[str, tuple[str, dict]] = {
     "pp_gpipe": ("qwen2_untied", {"pp": 2, "pp_schedule": "GPipe"}),
     "pp_uneven": ("qwen2_untied", {"pp": 2, "num_layer_list": [1, 3]}),
     "pp_interleaved": ("qwen2_untied", {"pp": 2, "virtual_stages": 2}),
+    "pp_tied": ("qwen2", {"pp": 2}),
     # 4 ranks
     "fsdp_tp": ("qwen2_untied", {"tp": 2}),
     "fsdp_tp_qknorm": ("qwen3", {"tp": 2}),
     "hsdp": ("qwen2_untied", {"dp_replicate": 2}),
     "pp_fsdp": ("qwen2_untied", {"pp": 2}),
+    "pp_fsdp_tied": ("qwen2", {"pp": 2}),
     "pp_tp": ("qwen2_untied", {"pp": 2, "tp": 2}),
     # LoRA (all linear layers; base frozen)
     "lora_fsdp": ("lora:qwen2_untied", {}),

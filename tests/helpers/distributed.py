@@ -195,7 +195,12 @@ def train_losses(
         ]
         count = global_count(global_num_tokens(local), mesh)
         part = forward_backward(pipeline or model_parts[0], micro, count)
-        norm = clip_grad_norm_(params, max_grad_norm, pp_group=pp_group)
+        norm = clip_grad_norm_(
+            params,
+            max_grad_norm,
+            pp_group=pp_group,
+            norm_parameters=None if pipeline is None else list(pipeline.norm_parameters()),
+        )
         if grad_norms is not None:
             grad_norms.append(norm.item())
         opt.step()

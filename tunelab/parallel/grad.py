@@ -48,14 +48,18 @@ def clip_grad_norm_(
     parameters: Iterable[torch.Tensor],
     max_norm: float,
     pp_group: dist.ProcessGroup | None = None,
+    norm_parameters: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scale gradients so their global norm is at most ``max_norm``; returns the norm before.
 
+    ``norm_parameters`` (default: ``parameters``) are those the norm is computed over, e.g. a
+    pipeline's :meth:`~tunelab.parallel.pipeline.Pipeline.norm_parameters`, which counts a
+    tied embedding once although two stages hold a copy.
     A non-finite norm is returned as is (the trainer's NaN guard decides what to do) and the
     gradients are left untouched in that case.
     """
     params = [p for p in parameters if p.grad is not None]
-    norm = total_grad_norm(params, pp_group)
+    norm = total_grad_norm(params if norm_parameters is None else norm_parameters, pp_group)
     if max_norm > 0 and torch.isfinite(norm):
         # torch's clip_grads_with_norm_ multiplies by a tensor, which DTensor gradients do
         # not accept mixed with plain ones; a Python float works for both.

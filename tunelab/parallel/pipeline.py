@@ -11,6 +11,10 @@ as a keyword argument and ignored where there is no ``lm_head``), so full-vocabu
 are never materialized; the schedule's loss function divides the summed loss by the global
 number of supervised tokens, and the schedule's own 1/n_microbatches gradient scaling is off.
 Build the full model on the ``meta`` device when it is large: splitting copies it.
+
+Tied embeddings (``tie_word_embeddings``): the first stage's embedding and the last stage's
+``lm_head`` are two copies of one matrix, kept equal by summing their gradients after each
+step (Megatron does the same); clip with :meth:`Pipeline.norm_parameters` so it counts once.
 """
 
 from __future__ import annotations
@@ -96,6 +100,34 @@ class Pipeline:
     loss_fn: TokenNormalizedLoss
     n_microbatches: int
     stage_indices: list[int] = field(default_factory=list)
+    tied_params: list[torch.Tensor] = field(default_factory=list)
+    tied_group: Any = None
+
+    def parameters(self):
+        """All parameters of this rank's stages (for the optimizer)."""
+        for part in self.model_parts:
+            yield from part.parameters()
+
+    def norm_parameters(self):
+        """Parameters for the gradient norm: a tied lm_head copy is left out (its gradient
+        equals the embedding's after the sync, and the matrix counts once)."""
+        skip = {id(p) for part in self.model_parts if part.lm_head is not None
+                for p in [part.lm_head.weight] if any(p is t for t in self.tied_params)}  # fmt: skip
+        for p in self.parameters():
+            if id(p) not in skip:
+                yield p
+
+    def _sync_tied_grads(self) -> None:
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        if self.tied_group is None:
+            return
+        for p in self.tied_params:
+            if p.grad is None:
+                continue
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            dist.all_reduce(g, group=self.tied_group)
 
     @property
     def has_first_stage(self) -> bool:
@@ -130,13 +162,15 @@ class Pipeline:
         Returns this rank's part of the normalized loss (zero except on the last stage);
         sum it over the pipeline and data-parallel ranks for the step's loss.
         """
-        return self._run(
+        loss = self._run(
             lambda *a, **k: self.schedule.step(*a, return_outputs=False, **k),
             input_ids,
             labels,
             position_ids,
             num_tokens_global,
         )
+        self._sync_tied_grads()
+        return loss
 
     def eval_step(self, input_ids, labels, position_ids, num_tokens_global) -> torch.Tensor:
         """Forward only (no gradients); same return value as :meth:`step`."""
@@ -204,12 +238,6 @@ def build_pipeline(
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     virtual = int(cfg_get(parallel_cfg, "virtual_stages", 1))
     schedule_cls = resolve_schedule(cfg_get(parallel_cfg, "pp_schedule", None), virtual)
-    if getattr(model.config, "tie_word_embeddings", False):
-        raise ConfigError(
-            "pipeline parallel (parallel.pp > 1) with tied input/output embeddings "
-            "(tie_word_embeddings: true) is not supported: the first and last stage would each "
-            "train their own copy; use pp: 1 (FSDP / tp) for this model"
-        )
     counts = stage_layer_counts(
         len(model.model.layers),
         pp_size,
@@ -235,6 +263,16 @@ def build_pipeline(
         parallelize(part, stage_cfg, mesh, precision=precision)
         parts.append(part)
         stages.append(PipelineStage(part, stage, num_stages, device, group=pp_mesh.get_group()))
+    tied_params, tied_group = [], None
+    if getattr(model.config, "tie_word_embeddings", False):
+        # The first stage's embedding and the last stage's lm_head are copies of one matrix:
+        # their gradients are summed after every step so the copies stay equal.
+        tied_group = _first_last_group(mesh)
+        for part, stage in zip(parts, ids):
+            if stage == 0:
+                tied_params.append(part.model.embed_tokens.weight)
+            if stage == num_stages - 1:
+                tied_params.append(part.lm_head.weight)
     loss_fn = TokenNormalizedLoss()
     schedule = schedule_cls(
         stages if virtual > 1 else stages[0],
@@ -251,7 +289,23 @@ def build_pipeline(
         schedule_cls.__name__,
         n_microbatches,
     )
-    return Pipeline(schedule, stages, parts, loss_fn, n_microbatches, ids)
+    return Pipeline(schedule, stages, parts, loss_fn, n_microbatches, ids, tied_params, tied_group)
+
+
+def _first_last_group(mesh):
+    """Process group of the first and last pipeline rank that share all other coordinates
+    (every rank must create every group; middle ranks get None)."""
+    import torch.distributed as dist
+
+    if mesh["pp"].size() == 2:
+        return mesh["pp"].get_group()
+    ranks = mesh.mesh  # [pp, dp_replicate, dp_shard, tp] global ranks
+    mine = None
+    for first, last in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist()):
+        group = dist.new_group([first, last])
+        if dist.get_rank() in (first, last):
+            mine = group
+    return mine
 
 
 class _Overlay:

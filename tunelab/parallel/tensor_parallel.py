@@ -96,7 +96,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
     between = seq if sequence_parallel else Replicate()
 
     if body.embed_tokens is not None:
-        tied = model.lm_head is not None and model.lm_head.weight is body.embed_tokens.weight
+        # From the config: a pipeline's first stage has no lm_head to compare with.
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
         # Tied: the weight is also lm_head's, which must stay whole for the chunked loss.
         if not tied:
             parallelize_module(
