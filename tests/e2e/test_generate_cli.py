@@ -93,3 +93,24 @@ def test_prompt_too_long_is_a_clear_error(model_dir, tmp_path, capsys):
 def test_flag_errors(model_dir, capsys, extra, message):
     assert main(["generate", "--model", str(model_dir), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_chat_prompts_and_messages_rows_use_the_template(model_dir, tmp_path, capsys):
+    eng = Engine.from_pretrained(model_dir, device="cpu", prompt_type="qwen")
+    cfg = GenerationConfig(max_new_tokens=6)
+    user = [{"role": "user", "content": "12 + 30?"}]
+    want = eng.complete([eng.encode_chat(user, system="Be brief.")], cfg)[0].text
+    rc = main(["generate", "--model", str(model_dir), "--prompt-type", "qwen", "--chat",
+               "--system", "Be brief.", "--prompt", "12 + 30?", "--max-new-tokens", "6",
+               "--temperature", "0"])  # fmt: skip
+    assert rc == 0 and capsys.readouterr().out == want + "\n"
+    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+            {"role": "user", "content": "Über café?"}]  # fmt: skip
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n", encoding="utf-8")
+    rc = main(["generate", "--model", str(model_dir), "--prompt-type", "qwen", "--input",
+               str(src), "--output", str(out), "--max-new-tokens", "6", "--temperature", "0"])  # fmt: skip
+    assert rc == 0
+    row = json.loads(out.read_text(encoding="utf-8"))
+    assert row["completion"] == eng.complete([eng.encode_chat(msgs)], cfg)[0].text
+    assert row["messages"] == msgs
