@@ -129,6 +129,14 @@ def load_for_inference(
         merge_lora(model)
         model.to(dev)
     model.eval().requires_grad_(False)
-    tokenizer = _load_tokenizer(hf_dir)
+    # Like merge-lora: an adapter saved with its tokenizer (fine-tuning often changes the chat
+    # template) brings the tokenizer to use.
+    tok_dir = hf_dir
+    if adapter is not None and any(
+        (Path(adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        tok_dir = Path(adapter)
+        log.info("using the tokenizer saved with the adapter: %s", tok_dir)
+    tokenizer = _load_tokenizer(tok_dir)
     defaults, eos = read_generation_defaults(hf_dir, cfg, tokenizer)
     return Loaded(model, tokenizer, cfg, dev, torch_dtype, defaults, eos)
