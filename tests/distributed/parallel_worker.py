@@ -122,43 +122,55 @@ def run_check(name: str, steps: int, out: Path) -> None:
     )
 
 
-def run_reshard(steps: int, out: Path) -> None:
-    """Train under FSDP, save with DCP, resume under TP in a fresh model; losses continue.
+# name -> the layouts of the saving and the resuming run (same world size)
+RESHARDS = {
+    "reshard_fsdp_to_tp": ({}, {"tp": 2}),
+    "reshard_pp_to_fsdp": ({"pp": 2}, {}),
+}
 
-    The checkpoint is left in ``out/reshard_ckpt`` for the pytest side to resume in one
-    process too.
+
+def run_reshard(name: str, steps: int, out: Path) -> None:
+    """Train under one layout, save with DCP, resume under another in a fresh model.
+
+    Model and AdamW state go through tunelab.parallel.state (keys = HF names). The
+    checkpoint is left in ``out/{name}_ckpt`` for the pytest side to resume in one process.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    world = dist.get_world_size()
-    ckpt = out / "reshard_ckpt"
-    layouts = ({**FP32}, {**FP32, "tp": world})
+    from tunelab.parallel import state as st
+
+    ckpt = out / f"{name}_ckpt"
     losses: list[float] = []
-    for phase, cfg in enumerate(layouts):
-        dims = ParallelDims.from_config(cfg, world)
+    for phase, layout in enumerate(RESHARDS[name]):
+        cfg = {**FP32, **layout}
+        dims = ParallelDims.from_config(cfg, dist.get_world_size())
         mesh = dims.build_mesh("cpu")
         # A different seed for the resumed model: only the checkpoint can make it match.
-        model = parallelize(tiny_model(seed=phase * 7), cfg, mesh)
-        opt = adamw([model])
+        model = tiny_model(seed=phase * 7)
+        pipe = None
+        if dims.pp_enabled:
+            pipe = build_pipeline(model, mesh, cfg, n_microbatches=2)
+            parts = pipe.model_parts
+        else:
+            parts = [parallelize(model, cfg, mesh)]
+        opts = [adamw([part]) for part in parts]
         if phase == 1:
-            msd, osd = get_state_dict(model, opt)
-            state = {"model": msd, "optim": osd}
+            state = {
+                "model": st.model_state_dict(parts),
+                "optim": st.optimizer_state_dict(parts, opts),
+            }
             dcp.load(state, checkpoint_id=str(ckpt))
-            set_state_dict(
-                model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
-            )
+            st.load_model_state_dict(parts, state["model"])
+            st.load_optimizer_state_dict(parts, opts, state["optim"])
         losses += train_losses(
-            [model],
-            steps,
-            optimizer=opt,
-            first_step=phase * steps,
-            mesh=mesh,
+            parts, steps, optimizer=opts, first_step=phase * steps, mesh=mesh, pipeline=pipe
         )
         if phase == 0:
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt))
-    name = "reshard_fsdp_to_tp"
+            state = {
+                "model": st.model_state_dict(parts),
+                "optim": st.optimizer_state_dict(parts, opts),
+            }
+            dcp.save(state, checkpoint_id=str(ckpt))
     torch.save({"losses": losses}, out / f"{name}.rank{dist.get_rank()}.pt")
 
 
@@ -174,8 +186,8 @@ def main() -> int:
     code = 1
     try:
         for name in args.checks.split(","):
-            if name == "reshard_fsdp_to_tp":
-                run_reshard(args.steps, args.out)
+            if name in RESHARDS:
+                run_reshard(name, args.steps, args.out)
             else:
                 run_check(name, args.steps, args.out)
         code = 0

@@ -34,6 +34,7 @@ TWO_RANKS = [
     "lora_fsdp",
     "lora_tp",
     "reshard_fsdp_to_tp",
+    "reshard_pp_to_fsdp",
 ]
 FOUR_RANKS = [
     "fsdp_tp",
@@ -101,42 +102,30 @@ def test_two_ranks_match_single_process(two_rank_results, name):
     _check(two_rank_results, name, 2)
 
 
-def test_checkpoint_saved_under_fsdp_resumes_under_tp_and_one_process(two_rank_results):
-    """DCP resharding: FSDP 2 -> TP 2 and FSDP 2 -> 1 process continue the same losses."""
+@pytest.mark.parametrize("name", ["reshard_fsdp_to_tp", "reshard_pp_to_fsdp"])
+def test_checkpoint_resumes_under_another_layout_and_one_process(two_rank_results, name):
+    """DCP resharding: FSDP 2 -> TP 2, PP 2 -> FSDP 2, and either -> 1 process continue the
+    uninterrupted losses (model and AdamW state)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from tests.helpers.distributed import adamw, tiny_model
+    from tunelab.parallel import state as st
 
     model = tiny_model()
     uninterrupted = train_losses([model], 2 * STEPS, optimizer=adamw([model]))
 
     for rank in range(2):
-        result = torch.load(two_rank_results / f"reshard_fsdp_to_tp.rank{rank}.pt")
+        result = torch.load(two_rank_results / f"{name}.rank{rank}.pt")
         assert result["losses"] == pytest.approx(uninterrupted, rel=1e-5), rank
 
     model = tiny_model(seed=7)
     opt = adamw([model])
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(two_rank_results / "reshard_ckpt"))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    state = {
+        "model": st.model_state_dict([model]),
+        "optim": st.optimizer_state_dict([model], [opt]),
+    }
+    dcp.load(state, checkpoint_id=str(two_rank_results / f"{name}_ckpt"))
+    st.load_model_state_dict([model], state["model"])
+    st.load_optimizer_state_dict([model], [opt], state["optim"])
     resumed = train_losses([model], STEPS, optimizer=opt, first_step=STEPS)
     assert resumed == pytest.approx(uninterrupted[STEPS:], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_four_ranks_2d_match_single_process(tmp_path):
-    torchrun(
-        WORKER,
-        "--out",
-        str(tmp_path),
-        "--checks",
-        ",".join(FOUR_RANKS),
-        "--steps",
-        str(STEPS),
-        nproc=4,
-        timeout=400,
-    )
-    for name in FOUR_RANKS:
-        _check(tmp_path, name, 4)

@@ -162,7 +162,7 @@ def train_losses(
     lr: float = 2.0,
     max_grad_norm: float = 0.5,
     grad_norms: list[float] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
     first_step: int = 0,
 ) -> list[float]:
     """SGD steps on the shared packed batches, loss = sum / global supervised tokens.
@@ -180,7 +180,9 @@ def train_losses(
     params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
     # Plain SGD: the update is proportional to the gradient, so a wrong gradient scale (say
     # FSDP averaging instead of summing) changes the losses; Adam would hide it.
-    opt = optimizer or torch.optim.SGD(params, lr=lr)
+    opts = (
+        optimizer if isinstance(optimizer, list) else [optimizer or torch.optim.SGD(params, lr=lr)]
+    )
     pp_group = mesh["pp"].get_group() if mesh is not None and mesh["pp"].size() > 1 else None
     if pipeline is not None:
         num_micro = pipeline.n_microbatches
@@ -203,8 +205,9 @@ def train_losses(
         )
         if grad_norms is not None:
             grad_norms.append(norm.item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(global_loss(part, mesh).item())
     return losses
 
