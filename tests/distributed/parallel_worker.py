@@ -33,6 +33,7 @@ CHECKS: dict[str, tuple[str, dict]] = {
     "fsdp_bf16": ("qwen2_untied", {"param_dtype": "bfloat16"}),
     "tp": ("qwen2_untied", {"tp": 2}),
     "tp_nosp": ("qwen2_untied", {"tp": 2, "sequence_parallel": False}),
+    "tp_ac": ("qwen2_untied", {"tp": 2, "activation_checkpointing": True}),
     "tp_tied_qknorm": ("qwen3", {"tp": 2}),
     "pp_1f1b": ("qwen2_untied", {"pp": 2}),
     "pp_gpipe": ("qwen2_untied", {"pp": 2, "pp_schedule": "GPipe"}),
@@ -41,7 +42,7 @@ CHECKS: dict[str, tuple[str, dict]] = {
     "pp_tied": ("qwen2", {"pp": 2}),
     # 4 ranks
     "fsdp_tp": ("qwen2_untied", {"tp": 2}),
-    "fsdp_tp_qknorm": ("qwen3", {"tp": 2}),
+    "fsdp_tp_qknorm": ("qwen3", {"tp": 2, "activation_checkpointing": True}),
     "hsdp": ("qwen2_untied", {"dp_replicate": 2}),
     "pp_fsdp": ("qwen2_untied", {"pp": 2}),
     "pp_fsdp_tied": ("qwen2", {"pp": 2}),

@@ -25,6 +25,7 @@ TWO_RANKS = [
     "fsdp_bf16",
     "tp",
     "tp_nosp",
+    "tp_ac",
     "tp_tied_qknorm",
     "pp_1f1b",
     "pp_gpipe",
@@ -129,3 +130,20 @@ def test_checkpoint_resumes_under_another_layout_and_one_process(two_rank_result
     st.load_optimizer_state_dict([model], [opt], state["optim"])
     resumed = train_losses([model], STEPS, optimizer=opt, first_step=STEPS)
     assert resumed == pytest.approx(uninterrupted[STEPS:], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_four_ranks_2d_match_single_process(tmp_path):
+    torchrun(
+        WORKER,
+        "--out",
+        str(tmp_path),
+        "--checks",
+        ",".join(FOUR_RANKS),
+        "--steps",
+        str(STEPS),
+        nproc=4,
+        timeout=400,
+    )
+    for name in FOUR_RANKS:
+        _check(tmp_path, name, 4)
