@@ -161,3 +161,29 @@ def test_compiled_decode_on_gpu_equals_transformers(qwen_dir):
                       min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
     assert eng.generate(PROMPTS, NO_STOP) == out[:, width:].tolist()
     assert eng.generate(PROMPTS, NO_STOP) == out[:, width:].tolist()  # reuses the graph
+
+
+def test_requests_joining_a_running_batch_match_single_runs(engine):
+    from tunelab.infer.batch import RunningBatch
+
+    long_prompt = list(range(50, 70))  # longer than the tokens decoded so far: shifts the batch
+    configs = [NO_STOP.replace(max_new_tokens=n) for n in (4, NEW, NEW, 20)]
+    prompts = [PROMPTS[0], PROMPTS[1], long_prompt, PROMPTS[3]]
+    want = [engine.generate([p], c)[0] for p, c in zip(prompts, configs)]
+    got: dict[int, list[int]] = {}
+    batch = RunningBatch(engine, [GenRequest(p, c) for p, c in zip(prompts[:2], configs[:2])])
+    step = 0
+    while True:
+        for ev in batch.sample():
+            if ev.token_id is not None:
+                got.setdefault(ev.index, []).append(ev.token_id)
+        if batch.done:
+            break
+        batch.forward()
+        step += 1
+        joins = {2: 2, 6: 3}  # a long prompt (front shift) at step 2, a short one at step 6
+        if step in joins:
+            req = GenRequest(prompts[joins[step]], configs[joins[step]])
+            assert batch.can_join(req, max_batch_size=8)
+            batch.join(req)
+    assert [got[i] for i in range(4)] == want

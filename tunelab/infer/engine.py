@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.infer.sampling import GenerationConfig, Sampler
+from tunelab.infer.sampling import GenerationConfig
 from tunelab.infer.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -235,74 +235,16 @@ class Engine:
     @torch.inference_mode()
     def iterate(self, requests: Sequence[GenRequest]) -> Iterator[list[TokenEvent]]:
         """Generate all ``requests`` as one batch; yield the events of each decode step."""
-        from tunelab.model.kv_cache import KVCache
+        from tunelab.infer.batch import RunningBatch
 
         if not requests:
             return
-        rows: list[_Row] = []
-        for i, req in enumerate(requests):
-            self.check_prompt(req.prompt_ids)
-            max_new = min(req.config.max_new_tokens, self.context_len - len(req.prompt_ids))
-            rows.append(
-                _Row(
-                    i,
-                    req,
-                    TextStream(self.tokenizer, req.config.stop),
-                    self.stop_ids_for(req.config),
-                    max_new,
-                )
-            )
-        lens = [len(r.request.prompt_ids) for r in rows]
-        width = max(lens)
-        steps = max(r.max_new for r in rows)
-        batch = len(rows)
-        dev = self.device
-        pad_id = 0
-        input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            n = lens[b]
-            input_ids[b, width - n :] = torch.tensor(r.request.prompt_ids, dtype=torch.long)
-            mask[b, width - n :] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        # The last sampled token is never fed back, so width + steps - 1 slots suffice.
-        num_slots = width + steps - 1
-        if self.static_cache:
-            from tunelab.infer.static_cache import StaticKVCache
-
-            # Round up so a compiled decode step is reused across similar requests.
-            num_slots = -(-num_slots // 128) * 128
-            cache = StaticKVCache(self.cfg, batch, num_slots, self.dtype, dev)
-        else:
-            cache = KVCache(self.cfg, batch, num_slots, self.dtype, dev)
-        cache.set_prompt_padding(mask)
-        pos = KVCache.prefill_position_ids(mask)
-        sampler = Sampler([r.request.config for r in rows], self.vocab_size, dev)
-        sampler.observe([r.request.prompt_ids for r in rows])
-        logits = self._logits_last(self.model, input_ids, pos, cache)
-        if self.static_cache:
-            cache.freeze()
-        last_pos = pos[:, -1]
-        active = rows
+        batch = RunningBatch(self, requests)
         while True:
-            nxt = sampler(logits).tolist()
-            events = [
-                self._advance(r, tok) for r, tok in zip(active, nxt) if r.finish_reason is None
-            ]
-            yield events
-            keep = [i for i, r in enumerate(active) if r.finish_reason is None]
-            if not keep:
+            yield batch.sample()
+            if batch.done:
                 return
-            if len(keep) < len(active) and not self.static_cache:
-                cache.select_rows(keep)
-                sampler.select_rows(keep)
-                keep_t = torch.tensor(keep, device=dev)
-                last_pos = last_pos.index_select(0, keep_t)
-                active = [active[i] for i in keep]
-                nxt = [nxt[i] for i in keep]
-            last_pos = last_pos + 1
-            step_ids = torch.tensor(nxt, dtype=torch.long, device=dev)[:, None]
-            logits = self._logits_last(self._decode_model, step_ids, last_pos[:, None], cache)
+            batch.forward()
 
     def _advance(self, r: _Row, tok: int) -> TokenEvent:
         """Apply one sampled token to a row; set its finish reason when it ends."""

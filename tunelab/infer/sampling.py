@@ -118,6 +118,7 @@ class Sampler:
     ) -> None:
         self.configs = list(configs)
         self.device = device
+        self.vocab_size = vocab_size
         n = len(self.configs)
         self.all_greedy = all(c.greedy for c in self.configs)
         self.greedy = torch.tensor([c.greedy for c in self.configs], device=device)
@@ -139,15 +140,38 @@ class Sampler:
             if self.use_penalty
             else None
         )
-        self.generators: list[torch.Generator | None] = []
-        for c in self.configs:
-            if c.greedy:
-                self.generators.append(None)
-                continue
-            g = torch.Generator(device=device)
-            seed = c.seed if c.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            g.manual_seed(seed)
-            self.generators.append(g)
+        self.generators = [self._generator(c) for c in self.configs]
+
+    def _generator(self, c: GenerationConfig) -> torch.Generator | None:
+        if c.greedy:
+            return None
+        g = torch.Generator(device=self.device)
+        seed = c.seed if c.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        g.manual_seed(seed)
+        return g
+
+    def add_row(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> None:
+        """Append a row (a request joining a running batch)."""
+        dev = self.device
+        self.configs.append(config)
+        self.generators.append(self._generator(config))
+        self.all_greedy = self.all_greedy and config.greedy
+        self.greedy = torch.cat([self.greedy, torch.tensor([config.greedy], device=dev)])
+        temp = config.temperature if not config.greedy else 1.0
+        self.temperature = torch.cat([self.temperature, torch.tensor([temp], device=dev)])
+        self.top_k = torch.cat([self.top_k, torch.tensor([config.top_k], device=dev)])
+        self.top_p = torch.cat([self.top_p, torch.tensor([config.top_p], device=dev)])
+        pen = torch.tensor([config.repetition_penalty], device=dev)
+        self.penalty = torch.cat([self.penalty, pen])
+        if self.seen is None and config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(
+                len(self.configs) - 1, self.vocab_size, dtype=torch.bool, device=dev
+            )
+        if self.seen is not None:
+            row = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=dev)
+            if prompt_ids:
+                row[0, torch.as_tensor(list(prompt_ids), device=dev)] = True
+            self.seen = torch.cat([self.seen, row])
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (the engine drops finished sequences from the batch)."""
