@@ -44,7 +44,13 @@ def _preprocessed_prompt(tmp_path, model_dir, template_flags: list[str]) -> list
 
 
 @pytest.mark.parametrize(
-    "flags", [["--prompt-type", "qwen"], ["--hf-chat-template"]], ids=["qwen", "hf"]
+    "flags",
+    [
+        ["--prompt-type", "qwen"],
+        ["--hf-chat-template"],
+        ["--prompt-type", "qwen3", "--enable-thinking", "false"],
+    ],
+    ids=["qwen", "hf", "qwen3-nothink"],
 )
 def test_chat_prompt_equals_preprocess(flags, model_dir, tmp_path):
     # As users do: the model directory is preprocess's --tokenizer-name-or-path.
@@ -52,6 +58,7 @@ def test_chat_prompt_equals_preprocess(flags, model_dir, tmp_path):
     engine = Engine.from_pretrained(
         model_dir, device="cpu", prompt_type=flags[1] if len(flags) > 1 else None,
         hf_chat_template=flags == ["--hf-chat-template"],
+        enable_thinking=False if "--enable-thinking" in flags else None,
     )  # fmt: skip
     session = ChatSession(engine, GenerationConfig(max_new_tokens=2), system=SYSTEM)
     for q, a in TURNS[:-1]:

@@ -84,6 +84,7 @@ class Engine:
         dtype: torch.dtype,
         prompt_type: str | None = None,
         hf_chat_template: bool = False,
+        enable_thinking: bool | None = None,
         defaults: GenerationConfig | None = None,
         eos_token_ids: Sequence[int] = (),
         max_batch_size: int = 16,
@@ -103,6 +104,7 @@ class Engine:
         self.dtype = dtype
         self.prompt_type = prompt_type
         self.hf_chat_template = hf_chat_template
+        self.enable_thinking = enable_thinking
         self.defaults = defaults or GenerationConfig()
         self.max_batch_size = max_batch_size
         self.name = name
@@ -134,6 +136,7 @@ class Engine:
         prompt_type: str | None = None,
         hf_chat_template: bool = False,
         *,
+        enable_thinking: bool | None = None,
         compile: bool = False,
         static_cache: bool | None = None,
         max_batch_size: int = 16,
@@ -151,6 +154,7 @@ class Engine:
             dtype=loaded.dtype,
             prompt_type=prompt_type,
             hf_chat_template=hf_chat_template,
+            enable_thinking=enable_thinking,
             defaults=loaded.defaults,
             eos_token_ids=loaded.eos_token_ids,
             max_batch_size=max_batch_size,
@@ -186,6 +190,7 @@ class Engine:
                 system=system,
                 prompt_type=self.prompt_type,
                 hf_chat_template=self.hf_chat_template,
+                enable_thinking=self.enable_thinking,
                 tools=tools,
             )
         )
