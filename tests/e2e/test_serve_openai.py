@@ -232,6 +232,12 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
     assert data["error"]["param"] == param
 
 
+def test_wrong_methods(server):
+    assert _raw(server, "GET", "/v1/completions")[0] == 405
+    status, data = _raw(server, "DELETE", "/v1/models")
+    assert status == 405 and data["error"]["message"]
+
+
 def test_prompt_longer_than_context(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt=[5] * 300, max_tokens=4)

@@ -190,6 +190,12 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
 
+    def _method_not_allowed(self) -> None:
+        self._body_read = False
+        self._send_error(api.ApiError(f"method {self.command} is not allowed here", status=405))
+
+    do_PUT = do_DELETE = do_PATCH = _method_not_allowed  # noqa: N815 - http.server naming
+
     def _model_not_found(self, name: str) -> None:
         self._send_error(
             api.ApiError(
