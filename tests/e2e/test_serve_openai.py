@@ -162,6 +162,22 @@ def test_seeded_n_choices_are_reproducible(client):
     assert len({c.text for c in a.choices}) > 1  # each choice has its own seed
 
 
+def test_streaming_several_choices_and_echo(client, engine):
+    kw = dict(model="tiny", prompt=[PROMPTS[0], PROMPTS[1]], max_tokens=5, temperature=0)
+    texts = ["", ""]
+    reasons = [None, None]
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+    assert texts == [_expected(engine, p, 5) for p in PROMPTS[:2]]
+    assert reasons == ["length", "length"]
+    r = client.completions.create(
+        model="tiny", prompt=PROMPTS[2], max_tokens=4, temperature=0, echo=True
+    )
+    assert r.choices[0].text == PROMPTS[2] + _expected(engine, PROMPTS[2], 4)
+
+
 def test_stop_string(client, engine):
     full = _expected(engine, PROMPTS[1], 12)
     stop = full[4:7]
