@@ -79,7 +79,7 @@ def test_directory_one_format_sorted_and_mixed_is_an_error(tmp_path):
 def test_malformed_json_line_names_file_and_line(tmp_path):
     p = write_jsonl(tmp_path / "x.jsonl", [ROWS[0], '{"text": "b",', ROWS[2]])
     items = list(iter_rows(list_input_files(p)))
-    assert [w for w, _ in items][1] == f"{p} line 2"
+    assert str(items[1][0]) == f"{p} line 2"
     with pytest.raises(DataError, match=rf"{p} line 2: malformed JSON"):
         materialize(items[1][1], items[1][0])
 

@@ -43,7 +43,7 @@ class Encoded:
 
     @property
     def num_supervised(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 class _TokenizeFn:
@@ -53,12 +53,16 @@ class _TokenizeFn:
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.const_cache: dict[str, list[int]] = {}
+        # The "fast" batch call skips character offsets, which we never use.
+        self._encode = None
+        if self.backend is not None:
+            self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
 
     def many(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        if self._encode is not None:
+            return [e.ids for e in self._encode(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -309,7 +313,8 @@ def encode_pretrain(
     """Pretraining text -> ids with the tokenizer's own special tokens (BOS for Llama-like)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        all_ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+        fn = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        all_ids = [e.ids for e in fn(texts, add_special_tokens=True)]
     else:
         all_ids = tokenizer(texts)["input_ids"]
     eod = tokenizer.eos_token_id

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +174,17 @@ _W: dict[str, Any] = {}
 
 
 def _init_worker(plan: Plan) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
+    if _W.get("plan") is not plan:  # a forked worker inherits the parent's ready state
+        _setup_state(plan)
+
+
+def _setup_state(plan: Plan, tok=None) -> None:
     from tunelab.data.encode import Encoder
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
-    tok = load_tokenizer(plan.tokenizer_path, plan.use_fast, plan.trust_remote_code)
+    _W.clear()
+    if tok is None:
+        tok = load_tokenizer(plan.tokenizer_path, plan.use_fast, plan.trust_remote_code)
     _W["plan"], _W["tok"] = plan, tok
     if plan.kind != "pretrain":
         _W["enc"] = Encoder(
@@ -209,10 +216,14 @@ def _invalid(e: DataError, where: str, plan: Plan, st: Stats) -> None:
         st.skipped.append(str(e))
 
 
-def _flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    return flat.astype(np.int64, copy=False), lengths
+def _flat(seqs: list) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences (lists or arrays) -> one flat int32 array (ids and labels fit) and lengths."""
+    lengths = np.fromiter((len(a) for a in seqs), dtype=np.int64, count=len(seqs))
+    total = int(lengths.sum())
+    if seqs and isinstance(seqs[0], np.ndarray):
+        return np.concatenate(seqs).astype(np.int32, copy=False), lengths
+    flat = np.fromiter(chain.from_iterable(seqs), dtype=np.int32, count=total)
+    return flat, lengths
 
 
 def process_chunk(chunk: list[tuple[str, Any]]) -> tuple[dict[str, tuple], Stats]:
@@ -252,8 +263,8 @@ def process_chunk(chunk: list[tuple[str, Any]]) -> tuple[dict[str, tuple], Stats
                 st.no_supervised_tokens += 1
                 continue
             for side, e in zip(("chosen", "rejected"), encs):
-                out.setdefault(f"{side}_input_ids", []).append(np.asarray(e.input_ids))
-                out.setdefault(f"{side}_labels", []).append(np.asarray(e.labels))
+                out.setdefault(f"{side}_input_ids", []).append(e.input_ids)
+                out.setdefault(f"{side}_labels", []).append(e.labels)
                 st.tokens += len(e.input_ids)
                 st.supervised_tokens += e.num_supervised
             st.rows_written += 1
@@ -262,13 +273,14 @@ def process_chunk(chunk: list[tuple[str, Any]]) -> tuple[dict[str, tuple], Stats
             e = _fit(e, plan, st)
             if e is None:
                 continue
-            if e.num_supervised == 0:
+            n_sup = e.num_supervised
+            if n_sup == 0:
                 st.no_supervised_tokens += 1
                 continue
-            out.setdefault("input_ids", []).append(np.asarray(e.input_ids))
-            out.setdefault("labels", []).append(np.asarray(e.labels))
+            out.setdefault("input_ids", []).append(e.input_ids)
+            out.setdefault("labels", []).append(e.labels)
             st.tokens += len(e.input_ids)
-            st.supervised_tokens += e.num_supervised
+            st.supervised_tokens += n_sup
             st.rows_written += 1
     st.history_unsupervised = enc.num_history_unsupervised - before
     return {k: _flat(v) for k, v in out.items()}, st
@@ -418,12 +430,12 @@ class _Sink:
         self.pack_fill = rows.fill_ratio
 
 
-def _run_rows(rows: Iterator, plan: Plan, sink: _Sink, workers: int, bar) -> Stats:
+def _run_rows(rows: Iterator, plan: Plan, sink: _Sink, workers: int, bar, tok=None) -> Stats:
     total = Stats()
     chunks = _chunks(rows, CHUNK_ROWS)
+    if _W.get("plan") is not plan:
+        _setup_state(plan, tok)
     if workers <= 1:
-        _init_worker(plan)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         results = map(process_chunk, chunks)
         pool = None
     else:
@@ -548,6 +560,7 @@ def run(args: argparse.Namespace) -> dict:
         if enc.eos_id is not None and tok.pad_token_id is None:
             plan.pad_id = int(enc.eos_id)
     files = list_input_files(args.input)
+    _setup_state(plan, tok)  # forked workers inherit it: no tokenizer reload per worker
     prefix = str(args.output_prefix)
     names = output_names(kind, prefix, plan.json_keys)
     dtypes = _dtypes(kind, args, tok)
@@ -565,7 +578,9 @@ def run(args: argparse.Namespace) -> dict:
             writers = _Writers(names, dtypes)
             try:
                 sink = _Sink(plan, writers, args.pack, args.neat_pack)
-                stats = _run_rows(iter_rows(files, args.max_samples), plan, sink, args.workers, bar)
+                stats = _run_rows(
+                    iter_rows(files, args.max_samples), plan, sink, args.workers, bar, tok
+                )
                 writers.finalize()
             except BaseException:
                 writers.abort()
@@ -636,7 +651,7 @@ def _run_sharded(args, files, plan, names, dtypes, bar, total_rows):
         writers = _Writers(sn, dtypes)
         try:
             sink = _Sink(plan, writers, args.pack, args.neat_pack)
-            st = _run_rows(rows, plan, sink, args.workers, bar)
+            st = _run_rows(rows, plan, sink, args.workers, bar, _W.get("tok"))
             writers.finalize()
         except BaseException:
             writers.abort()

@@ -1,9 +1,9 @@
 """Read rows from .parquet / .arrow / .json / .jsonl / .csv / .txt files or a directory of them.
 
 A directory must hold one format (hidden files and other extensions are ignored); mixing
-formats is an error that lists them. Rows come out as ``(where, payload)``: ``where`` names the
-file and row for error messages, and ``payload`` is a dict, or for JSON lines the raw line,
-which workers parse (so a malformed line is reported by file and line, in parallel).
+formats is an error that lists them. Rows come out as ``(loc, payload)``: ``loc`` names the
+file and row for error messages, and ``payload`` is a dict, or for JSON lines the raw line
+(a str), which workers parse (so a malformed line is reported by file and line, in parallel).
 
 Row numbers: ``line N`` (1-based) for .jsonl and .txt, ``row N`` (0-based, as ``datasets``
 and pandas index) for the other formats.
@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tunelab.errors import DataError
 
@@ -29,7 +29,18 @@ EXTENSIONS = {
     ".csv": "csv",
     ".txt": "txt",
 }
-RAW_JSON = "__raw_json_line__"  # payload marker: a JSON line still to be parsed
+
+
+class Loc(NamedTuple):
+    """Where a row is; formats as "path line N" / "path row N" only when a message needs it
+    (cheap to build and to send to workers: the path string is shared, not copied)."""
+
+    path: str
+    n: int
+    unit: str  # "line" | "row"
+
+    def __str__(self) -> str:
+        return f"{self.path} {self.unit} {self.n}"
 
 
 def list_input_files(path: str | os.PathLike) -> list[Path]:
@@ -90,43 +101,45 @@ def _parse_json_file(path: Path) -> list[Any] | None:
     return data
 
 
-def iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_file(path: Path) -> Iterator[tuple[Loc, Any]]:
+    """(Loc, payload) for every row: a dict, or a raw JSON line (str) for workers to parse."""
     kind = EXTENSIONS[path.suffix.lower()]
+    name = str(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
         n = 0
-        for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=2048):
+        for batch in pq.ParquetFile(name).iter_batches(batch_size=2048):
             for row in batch.to_pylist():
-                yield f"{path} row {n}", row
+                yield Loc(name, n, "row"), row
                 n += 1
     elif kind == "arrow":
         n = 0
         for batch in _arrow_table_batches(path):
             for row in batch.to_pylist():
-                yield f"{path} row {n}", row
+                yield Loc(name, n, "row"), row
                 n += 1
     elif kind == "csv":
         with open(path, encoding="utf-8", newline="") as f:
             for n, row in enumerate(csv.DictReader(f)):
-                yield f"{path} row {n}", row
+                yield Loc(name, n, "row"), row
     elif kind == "txt":
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                yield f"{path} line {n}", {"text": line.rstrip("\n")}
+                yield Loc(name, n, "line"), {"text": line.rstrip("\n")}
     else:
         data = _parse_json_file(path) if kind == "json" else None
         if data is not None:
             for n, row in enumerate(data):
-                yield f"{path} row {n}", row
+                yield Loc(name, n, "row"), row
             return
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    yield f"{path} line {n}", {RAW_JSON: line}
+                    yield Loc(name, n, "line"), line
 
 
-def iter_rows(files: list[Path], max_rows: int | None = None) -> Iterator[tuple[str, Any]]:
+def iter_rows(files: list[Path], max_rows: int | None = None) -> Iterator[tuple[Loc, Any]]:
     """All rows of ``files`` in order, at most ``max_rows``."""
     n = 0
     for path in files:
@@ -137,11 +150,11 @@ def iter_rows(files: list[Path], max_rows: int | None = None) -> Iterator[tuple[
             n += 1
 
 
-def materialize(payload: Any, where: str) -> Any:
+def materialize(payload: Any, where) -> Any:
     """Parse a raw JSON line (in a worker); other payloads are already rows."""
-    if isinstance(payload, dict) and RAW_JSON in payload:
+    if isinstance(payload, str):
         try:
-            return json.loads(payload[RAW_JSON])
+            return json.loads(payload)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
     return payload
