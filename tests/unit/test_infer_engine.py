@@ -163,8 +163,12 @@ def test_compiled_decode_on_gpu_equals_transformers(qwen_dir):
     assert eng.generate(PROMPTS, NO_STOP) == out[:, width:].tolist()  # reuses the graph
 
 
-def test_requests_joining_a_running_batch_match_single_runs(engine):
+@pytest.mark.parametrize("initial_slots", [256, 2], ids=["preallocated", "growing"])
+def test_requests_joining_a_running_batch_match_single_runs(engine, monkeypatch, initial_slots):
+    from tunelab.infer import batch as batch_mod
     from tunelab.infer.batch import RunningBatch
+
+    monkeypatch.setattr(batch_mod, "INITIAL_DECODE_SLOTS", initial_slots)
 
     long_prompt = list(range(50, 70))  # longer than the tokens decoded so far: shifts the batch
     configs = [NO_STOP.replace(max_new_tokens=n) for n in (4, NEW, NEW, 20)]
@@ -187,3 +191,14 @@ def test_requests_joining_a_running_batch_match_single_runs(engine):
             assert batch.can_join(req, max_batch_size=8)
             batch.join(req)
     assert [got[i] for i in range(4)] == want
+    # The cache grew on demand instead of reserving every row's maximum up front.
+    assert batch.cache.max_seq_len <= 20 + NEW + 20
+
+
+def test_growing_cache_equals_transformers(qwen_dir, monkeypatch):
+    from tunelab.infer import batch as batch_mod
+
+    monkeypatch.setattr(batch_mod, "INITIAL_DECODE_SLOTS", 1)
+    eng = Engine.from_pretrained(qwen_dir, device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(str(qwen_dir)).eval()
+    assert eng.generate(PROMPTS, NO_STOP) == hf_greedy(hf, PROMPTS, NEW)

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from tunelab.infer.engine import Engine, GenRequest, TokenEvent, _Row
 
 
+INITIAL_DECODE_SLOTS = 256
+
+
 def _pad_slots(cache: KVCache, front: int, back: int) -> None:
     """Grow every row by ``front`` masked slots before and ``back`` empty slots after."""
     if not front and not back:
@@ -60,7 +63,9 @@ class RunningBatch:
             input_ids[b, width - lens[b] :] = torch.tensor(r.request.prompt_ids, dtype=torch.long)
             mask[b, width - lens[b] :] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
-        # The last sampled token is never fed back, so width + steps - 1 slots suffice.
+        # The last sampled token is never fed back, so width + steps - 1 slots suffice. The
+        # dynamic cache starts smaller and grows on demand: a request that may run to the end
+        # of a long context must not reserve all of it up front.
         num_slots = width + steps - 1
         if engine.static_cache:
             from tunelab.infer.static_cache import StaticKVCache
@@ -69,6 +74,7 @@ class RunningBatch:
             num_slots = -(-num_slots // 128) * 128
             self.cache: KVCache = StaticKVCache(engine.cfg, batch, num_slots, engine.dtype, dev)
         else:
+            num_slots = min(num_slots, width + INITIAL_DECODE_SLOTS)
             self.cache = KVCache(engine.cfg, batch, num_slots, engine.dtype, dev)
         self.cache.set_prompt_padding(mask)
         pos = KVCache.prefill_position_ids(mask)
@@ -125,6 +131,7 @@ class RunningBatch:
             )
             self.active = [self.active[i] for i in keep]
             nxt = [nxt[i] for i in keep]
+        self._reserve_next_slot()
         self.last_pos = self.last_pos + 1
         step_ids = torch.tensor(nxt, dtype=torch.long, device=self.engine.device)[:, None]
         eng = self.engine
@@ -132,23 +139,34 @@ class RunningBatch:
             eng._decode_model, step_ids, self.last_pos[:, None], self.cache
         )
 
+    def _remaining_feeds(self) -> int:
+        """Most tokens any unfinished row may still feed to the model (one per step)."""
+        return max(
+            (r.max_new - len(r.tokens) for r in self.active if r.finish_reason is None), default=0
+        )
+
+    def _reserve_next_slot(self) -> None:
+        """Grow the dynamic cache (doubling, up to what the rows can still use) when full."""
+        cache = self.cache
+        if cache.seq_len < cache.max_seq_len:
+            return
+        assert not self.engine.static_cache, "the static cache is allocated in full"
+        target = min(2 * cache.max_seq_len, cache.seq_len + self._remaining_feeds())
+        _pad_slots(cache, 0, max(target, cache.seq_len + 1) - cache.max_seq_len)
+
     # ---------------------------------------------------------------- joining
-    def _slots_after_join(self, req: GenRequest) -> tuple[int, int]:
+    def can_join(self, req: GenRequest, max_batch_size: int) -> bool:
+        """True when ``req`` fits: dynamic cache, room in the batch, and the slots the batch
+        may need would not grow past the model's context (a newcomer that would force that
+        waits for the next batch instead)."""
+        if self.engine.static_cache or self.done or len(self.active) >= max_batch_size:
+            return False
         p = len(req.prompt_ids)
         max_new = min(req.config.max_new_tokens, self.engine.context_len - p)
         front = max(0, p - self.cache.seq_len)
-        need = self.cache.seq_len + front + max_new - 1
-        back = max(0, need - (self.cache.max_seq_len + front))
-        return front, back
-
-    def can_join(self, req: GenRequest, max_batch_size: int) -> bool:
-        """True when ``req`` fits: dynamic cache, room in the batch, and the cache would not
-        grow past the model's context (a long newcomer waits for the next batch instead)."""
-        if self.engine.static_cache or self.done or len(self.active) >= max_batch_size:
-            return False
-        front, back = self._slots_after_join(req)
-        grown = self.cache.max_seq_len + front + back
-        return grown <= max(self.cache.max_seq_len, self.engine.context_len)
+        now = self.cache.seq_len + self._remaining_feeds()
+        after = self.cache.seq_len + front + max(self._remaining_feeds(), max_new)
+        return after <= max(now, self.engine.context_len)
 
     @torch.inference_mode()
     def join(self, req: GenRequest) -> int:
@@ -160,8 +178,7 @@ class RunningBatch:
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=dev)
         pos = torch.arange(p, device=dev)[None]
         logits = eng._logits_last(eng.model, ids, pos, solo)
-        front, back = self._slots_after_join(req)
-        _pad_slots(cache, front, back)
+        _pad_slots(cache, max(0, p - cache.seq_len), 0)
         t, total = cache.seq_len, cache.max_seq_len
         for layer in range(len(cache.k)):
             for store, src in ((cache.k, solo.k), (cache.v, solo.v)):
