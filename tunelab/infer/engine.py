@@ -1,10 +1,10 @@
-"""The inference engine: batched prefill + decode over a preallocated KV cache.
+"""The inference engine: a loaded model + tokenizer, prompts, stops, and batched generation.
 
 Prompts of different lengths are left-padded into one batch (`KVCache` masks the padding and
-gives each row its own positions), every row has its own sampling settings and stop rules,
-and rows that finish are dropped from the cache so the rest decode faster. `iterate` is the
-core (one list of `TokenEvent` per decode step); `generate`, `stream` and `complete` are thin
-layers over it, and the server feeds it batches of concurrent requests.
+gives each row its own positions); every row has its own sampling settings and stop rules.
+The decode loop lives in `batch.RunningBatch` (rows leave when finished, new requests may
+join); `iterate` runs one batch and yields one list of `TokenEvent` per decode step, and
+`generate`, `stream` and `complete` are thin layers over it.
 """
 
 from __future__ import annotations
