@@ -141,5 +141,9 @@ def main(args: argparse.Namespace) -> int:
         )
     config = generation_config_from_args(args, engine.defaults)
     session = ChatSession(engine, config, system=args.system, history_turns=args.history_turns)
+    try:
+        import readline  # noqa: F401 - arrow keys and line history for input()
+    except ImportError:  # not on every platform
+        pass
     print("tunelab chat: /clear starts over, /exit (or Ctrl-D) quits", flush=True)
     return run_repl(session)
