@@ -1,0 +1,150 @@
+"""Causal GQA attention backends with document masking derived from ``position_ids``.
+
+Packed rows hold several documents; each document's positions restart at 0, so a token may
+attend to an earlier token only when no position 0 lies between them (inclusive of the key's
+own start). All backends implement exactly that rule and give the same outputs:
+
+- ``sdpa``  : ``F.scaled_dot_product_attention`` with a boolean block-diagonal causal mask
+              (CPU and GPU; the default). Without ``position_ids`` it uses ``is_causal``.
+- ``flex``  : ``flex_attention`` with a document ``BlockMask`` (compiled on GPU; on CPU PyTorch
+              has no backward, so it is forward-only there).
+- ``flash`` : ``flash_attn_varlen_func`` over cumulative document lengths (needs the
+              ``flash-attn`` package, CUDA and fp16/bf16).
+
+The mask is built once per model forward by :func:`build_attention_mask` and shared by all
+layers; :func:`attend` runs one layer's attention. Tensors are ``[B, H, S, D]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.errors import ConfigError
+
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(
+            f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    if name == "flash" and not flash_available():
+        raise ConfigError(
+            "attention backend 'flash' needs the flash-attn package (pip install flash-attn) "
+            "and a CUDA GPU; use 'sdpa' or 'flex' instead"
+        )
+    return name
+
+
+def flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> [B, S] int: a new document starts wherever the position is 0."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+
+
+@dataclass
+class AttentionMask:
+    """What one backend needs to mask a forward pass (built once, shared by all layers)."""
+
+    backend: str
+    dense: torch.Tensor | None = None  # sdpa: bool [B, 1, S, T], True = may attend
+    causal: bool = False  # sdpa: plain causal, no dense mask
+    block_mask: Any = None  # flex
+    cu_seqlens: torch.Tensor | None = None  # flash
+    max_seqlen: int = 0  # flash
+
+
+def build_attention_mask(
+    backend: str, position_ids: torch.Tensor | None, batch: int, seq_len: int, device
+) -> AttentionMask:
+    """Mask for a training / prefill forward without KV cache."""
+    if backend == "sdpa":
+        if position_ids is None:
+            return AttentionMask("sdpa", causal=True)
+        doc = document_ids(position_ids)
+        same = doc[:, :, None] == doc[:, None, :]
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        return AttentionMask("sdpa", dense=(same & causal)[:, None])
+    if backend == "flex":
+        return AttentionMask(
+            "flex", block_mask=_flex_block_mask(position_ids, batch, seq_len, device)
+        )
+    if backend == "flash":
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
+        starts = position_ids == 0
+        starts[:, 0] = True  # every row starts a sequence even mid-document
+        idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten().to(torch.int32)
+        total = torch.tensor([batch * seq_len], dtype=torch.int32, device=device)
+        cu = torch.cat([idx, total])
+        max_len = int((cu[1:] - cu[:-1]).max().item())
+        return AttentionMask("flash", cu_seqlens=cu, max_seqlen=max_len)
+    raise ConfigError(f"unknown attention backend {backend!r}")
+
+
+def _flex_block_mask(position_ids, batch: int, seq_len: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if position_ids is None:
+
+        def mask_mod(b, h, q, k):
+            return q >= k
+
+        return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+    doc = document_ids(position_ids)
+
+    def doc_mask_mod(b, h, q, k):
+        return (q >= k) & (doc[b, q] == doc[b, k])
+
+    return create_block_mask(doc_mask_mod, batch, None, seq_len, seq_len, device=device)
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """``flex_attention`` compiled on GPU (eager flex materializes the full score matrix)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not torch.cuda.is_available():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Scaled dot-product attention, GQA (k/v have fewer heads). In/out ``[B, H, S, D]``."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask.backend == "sdpa":
+        if mask.dense is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+    if mask.backend == "flex":
+        return _flex_attention()(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+    if mask.backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        b, h, s, d = q.shape
+        qf = q.transpose(1, 2).reshape(b * s, h, d)
+        kf = k.transpose(1, 2).reshape(b * s, k.shape[1], d)
+        vf = v.transpose(1, 2).reshape(b * s, v.shape[1], d)
+        out = flash_attn_varlen_func(
+            qf, kf, vf, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
+            causal=True,
+        )  # fmt: skip
+        return out.reshape(b, s, h, d).transpose(1, 2)
+    raise ConfigError(f"unknown attention backend {mask.backend!r}")
