@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.helpers.distributed import adamw, full_params, tiny_model, train_losses
+from tests.helpers.distributed import (
+    adamw,
+    full_params,
+    held_out_loss,
+    tiny_model,
+    train_losses,
+)
 from tunelab.parallel.dims import ParallelDims
 from tunelab.parallel.launch import exit_process, init_distributed
 from tunelab.parallel.parallelize import parallelize
@@ -116,9 +122,12 @@ def run_check(name: str, steps: int, out: Path) -> None:
         # Two micro-batches per rank: accumulation with unequal token counts per micro-batch.
         micro = 2 if dims.dp_size <= 2 else 1
         losses = train_losses(parts, steps, mesh=mesh, num_micro=micro, grad_norms=norms)
+    target = pipe if dims.pp_enabled else parts[0]
+    num_micro = pipe.n_microbatches if dims.pp_enabled else 1
+    eval_loss = held_out_loss(target, mesh, num_micro)
     params = full_params(parts)
     torch.save(
-        {"losses": losses, "grad_norms": norms, "params": params},
+        {"losses": losses, "grad_norms": norms, "params": params, "eval_loss": eval_loss},
         out / f"{name}.rank{dist.get_rank()}.pt",
     )
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.distributed.parallel_worker import CHECKS, build_model
-from tests.helpers.distributed import full_params, torchrun, train_losses
+from tests.helpers.distributed import full_params, held_out_loss, torchrun, train_losses
 
 WORKER = "tests/distributed/parallel_worker.py"
 STEPS = 3
@@ -49,17 +49,17 @@ FOUR_RANKS = [
 
 
 @functools.cache
-def reference(family: str) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+def reference(family: str) -> tuple[list[float], list[float], dict[str, torch.Tensor], float]:
     model = build_model(family)
     norms: list[float] = []
     losses = train_losses([model], STEPS, grad_norms=norms)
-    return losses, norms, full_params([model])
+    return losses, norms, full_params([model]), held_out_loss(model)
 
 
 def _check(out, name: str, nproc: int) -> None:
     if name == "fsdp_bf16":
         return _check_bf16(out, nproc)
-    ref_losses, ref_norms, ref_params = reference(CHECKS[name][0])
+    ref_losses, ref_norms, ref_params, ref_eval = reference(CHECKS[name][0])
     # Clipping must act (norm above max_grad_norm) for the test to cover it.
     assert max(ref_norms) > 0.5
     params: dict[str, torch.Tensor] = {}
@@ -68,6 +68,7 @@ def _check(out, name: str, nproc: int) -> None:
         # Every rank reports the same (all-reduced) loss.
         assert result["losses"] == pytest.approx(ref_losses, rel=1e-5), (name, rank)
         assert result["grad_norms"] == pytest.approx(ref_norms, rel=1e-5), (name, rank)
+        assert result["eval_loss"] == pytest.approx(ref_eval, rel=1e-5), (name, rank)
         params.update(result["params"])
     if "lm_head.weight" in params and "lm_head.weight" not in ref_params:
         # Tied embeddings under PP: the last stage's copy must have stayed equal.
@@ -80,7 +81,7 @@ def _check(out, name: str, nproc: int) -> None:
 
 
 def _check_bf16(out, nproc: int) -> None:
-    ref_losses, _, ref_params = reference(CHECKS["fsdp_bf16"][0])
+    ref_losses, _, ref_params, _ = reference(CHECKS["fsdp_bf16"][0])
     for rank in range(nproc):
         result = torch.load(out / f"fsdp_bf16.rank{rank}.pt")
         # bf16 compute: close, not equal (8 bits of mantissa)

@@ -228,3 +228,18 @@ def adamw(model_parts: list[torch.nn.Module]) -> torch.optim.AdamW:
     """AdamW with state worth resharding (moments, step) for checkpoint tests."""
     params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, foreach=False)
+
+
+def held_out_loss(target, mesh=None, num_micro: int = 1, batch_size: int = 4) -> float:
+    """Forward-only loss on a batch no training step saw (``target``: model or Pipeline)."""
+    from tunelab.parallel.dims import dp_rank, dp_size
+    from tunelab.parallel.step import evaluate, global_count, global_loss
+
+    batch = packed_batch(batch=batch_size, seed=999)
+    rank, size = dp_rank(mesh), dp_size(mesh)
+    rows = batch_size // size
+    local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
+    per = rows // num_micro
+    micro = [{k: v[i * per : (i + 1) * per] for k, v in local.items()} for i in range(num_micro)]
+    n = global_count(global_num_tokens(local), mesh)
+    return global_loss(evaluate(target, micro, n), mesh).item()

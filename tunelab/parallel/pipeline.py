@@ -175,7 +175,14 @@ class Pipeline:
     def eval_step(self, input_ids, labels, position_ids, num_tokens_global) -> torch.Tensor:
         """Forward only (no gradients); same return value as :meth:`step`."""
         with torch.no_grad():
-            return self._run(self.schedule.eval, input_ids, labels, position_ids, num_tokens_global)
+            return self._run(
+                # The last stage returns scalars (loss sum, count): nothing to merge.
+                lambda *a, **k: self.schedule.eval(*a, return_outputs=False, **k),
+                input_ids,
+                labels,
+                position_ids,
+                num_tokens_global,
+            )
 
 
 def resolve_schedule(name: str | None, virtual_stages: int):

@@ -17,6 +17,21 @@ from tunelab.errors import DataError
 from tunelab.parallel.pipeline import Pipeline
 
 
+def _stack_for_pipeline(pipe: Pipeline, micro_batches) -> dict[str, torch.Tensor]:
+    shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
+    if len(shapes) > 1:
+        raise DataError(
+            f"pipeline parallel needs equally shaped micro-batches, got {sorted(shapes)}; "
+            "pack the data or pad every batch to seq_length (data.pad_to_multiple_of)"
+        )
+    if len(micro_batches) != pipe.n_microbatches:
+        raise ValueError(
+            f"the pipeline was built for {pipe.n_microbatches} micro-batches, "
+            f"got {len(micro_batches)}"
+        )
+    return {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+
+
 def forward_backward(
     model: nn.Module | Pipeline,
     micro_batches: Sequence[dict[str, torch.Tensor]],
@@ -33,18 +48,7 @@ def forward_backward(
     if n <= 0:
         n = 1.0  # a step without supervised tokens: zero loss, zero gradients
     if isinstance(model, Pipeline):
-        shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
-        if len(shapes) > 1:
-            raise DataError(
-                f"pipeline parallel needs equally shaped micro-batches, got {sorted(shapes)}; "
-                "pack the data or pad every batch to seq_length (data.pad_to_multiple_of)"
-            )
-        if len(micro_batches) != model.n_microbatches:
-            raise ValueError(
-                f"the pipeline was built for {model.n_microbatches} micro-batches, "
-                f"got {len(micro_batches)}"
-            )
-        cat = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        cat = _stack_for_pipeline(model, micro_batches)
         return model.step(cat["input_ids"], cat["labels"], cat.get("position_ids"), n)
     total = None
     for mb in micro_batches:
@@ -55,6 +59,42 @@ def forward_backward(
     if total is None:
         return torch.zeros((), dtype=torch.float32)
     return total.float()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module | Pipeline,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    num_tokens_global: float | torch.Tensor,
+) -> torch.Tensor:
+    """Forward only: this rank's share of the normalized loss, as :func:`forward_backward`."""
+    n = max(float(num_tokens_global), 1.0)
+    if isinstance(model, Pipeline):
+        cat = _stack_for_pipeline(model, micro_batches)
+        out = model.eval_step(cat["input_ids"], cat["labels"], cat.get("position_ids"), n)
+        for part in model.model_parts:
+            reshard(part)
+        return out
+    total = torch.zeros((), dtype=torch.float32)
+    for mb in micro_batches:
+        loss_sum, _ = model.loss(mb["input_ids"], mb["labels"], mb.get("position_ids"))
+        total = total + loss_sum.detach().float().cpu() / n
+    reshard(model)
+    return total
+
+
+def reshard(model: nn.Module) -> None:
+    """Free FSDP's gathered parameters after a forward without backward.
+
+    Modules kept gathered after forward (the root, pipeline stages) would otherwise keep
+    their full (and, with mixed precision, low-precision) parameters registered, which a
+    following state-dict read or optimizer step would see instead of the shards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def global_loss(local: torch.Tensor, mesh) -> torch.Tensor:
