@@ -25,7 +25,8 @@ ALL = "linear_qkv linear_proj linear_fc1 linear_fc2"
 @pytest.fixture(scope="module")
 def base_dirs(tmp_path_factory):
     return {
-        fam: save_tiny_hf_model(tmp_path_factory.mktemp(fam), fam) for fam in ("qwen2", "llama3")
+        fam: save_tiny_hf_model(tmp_path_factory.mktemp(fam), fam)
+        for fam in ("qwen2", "llama3", "qwen3")
     }
 
 
@@ -34,7 +35,7 @@ def _logits(model, ids=IDS):
         return model(ids).float()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "qwen3"])
 def test_tunelab_adapter_in_peft_gives_same_logits(tmp_path, base_dirs, family):
     model = load_model(base_dirs[family], dtype=torch.float32)
     base = _logits(model)
@@ -48,7 +49,7 @@ def test_tunelab_adapter_in_peft_gives_same_logits(tmp_path, base_dirs, family):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "qwen3"])
 def test_peft_adapter_in_tunelab_gives_same_logits(tmp_path, base_dirs, family):
     adapter = peft_adapter_dir(
         tmp_path / "p", family, target_modules="all-linear", lora_alpha=16, use_rslora=True

@@ -25,14 +25,22 @@ _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base model: an HF directory (safetensors)")
     parser.add_argument(
-        "--adapter", required=True, help="PEFT LoRA adapter directory (tunelab's or peft's)"
+        "--base", required=True, metavar="DIR", help="base model: an HF directory (safetensors)"
     )
-    parser.add_argument("--out", required=True, help="output HF directory (written atomically)")
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        help="PEFT LoRA adapter directory (tunelab's or peft's)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output HF directory (written atomically)"
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
+        metavar="DIR",
         help="directory to copy tokenizer files and chat template from (default: the adapter "
         "directory if it holds a tokenizer, else the base directory)",
     )
