@@ -120,3 +120,23 @@ def test_pack_rows_padding_and_neat_masks():
     neat = pack_samples(ids, labels, lengths, 4, pad_id=0, neat=True)
     assert neat.attention_mask.tolist() == [[1, 1, 1, 2], [1, 1, 0, 0]]
     assert neat.fill_ratio == 6 / 8
+
+
+def test_tokenizer_loader_matches_autotokenizer(tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.helpers.data import family_tokenizer
+    from tunelab.data.preprocess import _named_tokenizer_class, load_tokenizer
+
+    llama = family_tokenizer(tiny_tokenizer_dir, tmp_path / "llama3", "llama3")
+    del llama
+    for d in (tiny_tokenizer_dir, tmp_path / "llama3"):
+        assert _named_tokenizer_class(d) is not None  # the fast path is taken
+        ours, auto = load_tokenizer(str(d)), AutoTokenizer.from_pretrained(str(d))
+        assert type(ours) is type(auto)
+        text = "Hello <|im_end|> world 你好 <|eot_id|>\n  x"
+        for special in (True, False):
+            assert ours(text, add_special_tokens=special) == auto(text, add_special_tokens=special)
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "chat_template"):
+            assert getattr(ours, attr) == getattr(auto, attr)
+        assert len(ours) == len(auto)

@@ -152,9 +152,30 @@ class Plan:
     pad_id: int
 
 
-def load_tokenizer(path: str, use_fast: bool = True, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def _named_tokenizer_class(path: Path):
+    """The class AutoTokenizer would pick, when tokenizer_config.json names it plainly.
 
+    Importing it by name skips AutoTokenizer's config machinery, which imports torch (about a
+    second of start-up per run); anything unusual (remote code, no tokenizer.json, unknown
+    name) returns None and goes through AutoTokenizer.
+    """
+    import transformers
+
+    cfg_file = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not cfg_file.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = cfg.get("tokenizer_class")
+    if not isinstance(name, str) or cfg.get("auto_map"):
+        return None
+    cls = getattr(transformers, name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def load_tokenizer(path: str, use_fast: bool = True, trust_remote_code: bool = False):
     if not path:
         raise ConfigError("--tokenizer-name-or-path is required")
     if not Path(path).is_dir():
@@ -162,6 +183,11 @@ def load_tokenizer(path: str, use_fast: bool = True, trust_remote_code: bool = F
             f"--tokenizer-name-or-path {path} is not a directory (nothing is downloaded)"
         )
     try:
+        cls = _named_tokenizer_class(Path(path)) if use_fast and not trust_remote_code else None
+        if cls is not None:
+            return cls.from_pretrained(path, local_files_only=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(
             path, use_fast=use_fast, local_files_only=True, trust_remote_code=trust_remote_code
         )

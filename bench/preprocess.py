@@ -1,0 +1,268 @@
+"""Benchmark: `tunelab preprocess` against Hugging Face `datasets.map` with a batched fast tokenizer.
+
+Generates 52,000 Alpaca-shaped rows (lengths drawn from log-normal distributions shaped like
+tatsu-lab/alpaca: short instructions, 40% with an input, answers with a long tail), trains a
+32k-vocab byte-level BPE on them, then times in one run, each with 2 worker processes:
+
+- tunelab preprocess, non-pack and --pack (the CLI as a user runs it);
+- `datasets.load_dataset("json") + .map(batched=True, num_proc=2)` rendering the same ChatML
+  prompt and tokenizing prompts and answers with the batched fast tokenizer, building labels
+  (what LLaMA-Factory's preprocessing does), in a script of its own.
+
+Each is a separate process timed wall-clock from start to exit (imports and tokenizer loading
+included on both sides). The three run interleaved ``--repeats`` times and the best time of
+each is kept, because a shared machine makes single timings noisy; CPU seconds (the process and
+all its children, from getrusage) are reported too, as they suffer less from other load.
+Prints one JSON line per measurement and a final line with the ratios.
+Usage: python bench/preprocess.py [--rows 52000] [--workers 2] [--repeats 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SYSTEM = "You are a helpful assistant."
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkqjxz"))
+    freq = np.array(
+        [
+            12.7,
+            9.1,
+            8.2,
+            7.5,
+            7.0,
+            6.7,
+            6.3,
+            6.1,
+            6.0,
+            4.3,
+            4.0,
+            2.8,
+            2.8,
+            2.4,
+            2.2,
+            2.4,
+            2.0,
+            1.9,
+            1.0,
+            1.5,
+            2.0,
+            0.8,
+            0.1,
+            0.2,
+            0.2,
+            0.1,
+        ]
+    )
+    freq = freq / freq.sum()
+    lex_size = 60_000
+    word_len = np.clip(rng.poisson(4.5, lex_size) + 1, 1, 14)
+    lexicon = ["".join(rng.choice(letters, size=k, p=freq)) for k in word_len]
+    zipf = 1.0 / np.arange(1, lex_size + 1) ** 1.05
+    zipf /= zipf.sum()
+
+    def text(mean_words: float, sigma: float) -> str:
+        k = max(1, int(rng.lognormal(np.log(mean_words), sigma)))
+        words = [lexicon[i] for i in rng.choice(lex_size, size=k, p=zipf)]
+        for j in range(7, len(words), 9):
+            words[j] += "." if j % 2 else ","
+        return " ".join(words)
+
+    rows = []
+    for _ in range(n):
+        rows.append(
+            {
+                "instruction": text(12, 0.5),
+                "input": text(14, 0.8) if rng.random() < 0.4 else "",
+                "output": text(38, 0.9),
+            }
+        )
+    return rows
+
+
+def build_tokenizer(out: Path, rows: list[dict]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tunelab.demo.tokenizer import build_bpe_tokenizer
+
+    texts = (r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in rows)
+    build_bpe_tokenizer(out, texts, vocab_size=32000)
+
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and all its children) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def time_tunelab(data: Path, tok: Path, prefix: Path, workers: int, pack: bool) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunelab",
+        "preprocess",
+        "--input",
+        str(data),
+        "--tokenizer-name-or-path",
+        str(tok),
+        "--output-prefix",
+        str(prefix),
+        "--handler-name",
+        "AlpacaStyleInstructionHandler",
+        "--prompt-type",
+        "qwen",
+        "--workers",
+        str(workers),
+    ]
+    if pack:
+        cmd += ["--pack", "--seq-length", "1024"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    summary = json.loads(Path(f"{prefix}_summary.json").read_text())
+    return {
+        "seconds": seconds,
+        "rows": summary["rows_read"],
+        "tokens": summary["tokens"],
+        "command": " ".join(cmd[1:]),
+    }
+
+
+def _hf_map_fn(tokenizer):
+    def fn(batch):
+        prompts, answers = [], []
+        for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"]):
+            user = ins + ("\n" + inp if inp else "")
+            prompts.append(
+                f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}"
+                "<|im_end|>\n<|im_start|>assistant\n"
+            )
+            answers.append(out + "<|im_end|>")
+        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        input_ids = [p + a for p, a in zip(p_ids, a_ids)]
+        labels = [[-100] * len(p) + a for p, a in zip(p_ids, a_ids)]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": [[1] * len(x) for x in input_ids],
+        }
+
+    return fn
+
+
+def hf_job(data: Path, tok: Path, cache: Path, workers: int, result: Path) -> None:
+    """The baseline script: run in its own process by ``time_hf``."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(str(tok))
+    ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
+    out = ds.map(
+        _hf_map_fn(tokenizer),
+        batched=True,
+        batch_size=1000,
+        num_proc=workers,
+        remove_columns=ds.column_names,
+        load_from_cache_file=False,
+    )
+    tokens = int(sum(len(x) for x in out["input_ids"]))
+    result.write_text(json.dumps({"rows": len(out), "tokens": tokens}))
+
+
+def time_hf(data: Path, tok: Path, cache: Path, workers: int) -> dict:
+    result = cache / "result.json"
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--hf-job",
+        str(data),
+        str(tok),
+        str(cache),
+        str(workers),
+        str(result),
+    ]
+    seconds, cpu = _timed(cmd)
+    return {"seconds": seconds, "cpu_seconds": cpu, **json.loads(result.read_text())}
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--hf-job":
+        d, t, c, w, r = sys.argv[2:7]
+        hf_job(Path(d), Path(t), Path(c), int(w), Path(r))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=52_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_"))
+    work.mkdir(parents=True, exist_ok=True)
+    data, tok = work / "alpaca.jsonl", work / "tokenizer"
+    rows = make_rows(args.rows)
+    with open(data, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    if not (tok / "tokenizer.json").exists():
+        build_tokenizer(tok, rows)
+    jobs = {
+        "hf_datasets_map": lambda: time_hf(data, tok, work / "hf_cache", args.workers),
+        "tunelab_nonpack": lambda: time_tunelab(
+            data, tok, work / "out" / "np", args.workers, False
+        ),
+        "tunelab_pack": lambda: time_tunelab(data, tok, work / "out" / "pk", args.workers, True),
+    }
+    results: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, fn in jobs.items():
+            r = fn()
+            best = results.setdefault(name, r)
+            best["seconds"] = min(best["seconds"], r["seconds"])
+            best["cpu_seconds"] = min(best["cpu_seconds"], r["cpu_seconds"])
+    for name, r in results.items():
+        r["rows_per_s"] = r["rows"] / r["seconds"]
+        r["rows_per_cpu_s"] = r["rows"] / r["cpu_seconds"]
+        print(
+            json.dumps({"name": name, "workers": args.workers, "best_of": args.repeats, **r}),
+            flush=True,
+        )
+    base = results["hf_datasets_map"]["rows_per_s"]
+    print(
+        json.dumps(
+            {
+                "name": "ratio_vs_hf_datasets_map",
+                "tunelab_nonpack": round(results["tunelab_nonpack"]["rows_per_s"] / base, 2),
+                "tunelab_pack": round(results["tunelab_pack"]["rows_per_s"] / base, 2),
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
