@@ -36,7 +36,7 @@ def _logits(model, ids=IDS):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama3", "qwen3"])
-def test_tunelab_adapter_in_peft_gives_same_logits(tmp_path, base_dirs, family):
+def test_tunelab_adapter_in_peft_gives_same_logits(tmp_path, base_dirs, family, tiny_tokenizer_dir):
     model = load_model(base_dirs[family], dtype=torch.float32)
     base = _logits(model)
     spec = LoraSpec(r=4, alpha=8, target_modules=ALL)
@@ -44,7 +44,10 @@ def test_tunelab_adapter_in_peft_gives_same_logits(tmp_path, base_dirs, family):
     randomize_tunelab_lora(model, seed=2)
     ours = _logits(model)
     assert (ours - base).abs().max() > 1e-2
-    save_peft_adapter(model, spec, tmp_path / "adapter", str(base_dirs[family]))
+    save_peft_adapter(
+        model, spec, tmp_path / "adapter", str(base_dirs[family]), tokenizer_dir=tiny_tokenizer_dir
+    )
+    assert (tmp_path / "adapter" / "chat_template.jinja").is_file()
     theirs = peft_logits(tiny_hf_model(family), tmp_path / "adapter")
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
 

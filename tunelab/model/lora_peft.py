@@ -89,11 +89,17 @@ def peft_config_dict(
 
 
 def write_peft_adapter(
-    state_dict: dict[str, torch.Tensor], config: dict, out_dir: str | Path
+    state_dict: dict[str, torch.Tensor],
+    config: dict,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
 
     ``state_dict`` holds our names (``...q_proj.lora_A.weight``), already gathered.
+    ``out_dir`` is replaced as a whole. With ``tokenizer_dir`` its tokenizer files and chat
+    template are copied in too (as LLaMA-Factory does), so the adapter carries the template
+    it was trained with and ``merge-lora`` picks it up.
     """
     from safetensors.torch import save_file
 
@@ -103,6 +109,10 @@ def write_peft_adapter(
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer_dir is not None:
+            from tunelab.model.hf import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer_dir, tmp)
     logger.info("wrote PEFT adapter (%d tensors) to %s", len(tensors), out_dir)
     return out_dir
 
@@ -112,8 +122,11 @@ def save_peft_adapter(
     spec: LoraSpec,
     out_dir: str | Path,
     base_model_name_or_path: str | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
-    """Save the model's adapters as a PEFT adapter directory (atomic)."""
+    """Save the model's adapters as a PEFT adapter directory (atomic; see
+    :func:`write_peft_adapter`). One process only: on several ranks call
+    :func:`lora_state_dict` on every rank (it gathers) and ``write_peft_adapter`` on rank 0."""
     layers = lora_layers(model)
     if not layers:
         raise ConfigError("save_peft_adapter: the model has no LoRA layers (apply_lora first)")
@@ -121,7 +134,7 @@ def save_peft_adapter(
     config = peft_config_dict(
         spec, _peft_target_modules(model, names), base_model_name_or_path, layers
     )
-    return write_peft_adapter(lora_state_dict(model), config, out_dir)
+    return write_peft_adapter(lora_state_dict(model), config, out_dir, tokenizer_dir)
 
 
 @dataclass
