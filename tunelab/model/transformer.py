@@ -253,9 +253,8 @@ class Transformer(nn.Module):
         if body.norm is None:
             return h
         h = body.norm(h)
-        if labels is not None:
-            if self.lm_head is None:
-                raise ValueError("labels given to a model without lm_head")
+        if labels is not None and self.lm_head is not None:
+            # Without lm_head (a pipeline stage before the last) labels are ignored.
             targets = shift_labels(labels, position_ids if cache is None else None)
             return self.lm_head(h, targets, chunk_size=self.loss_chunk_size)
         if return_hidden or self.lm_head is None:
