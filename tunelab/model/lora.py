@@ -448,6 +448,24 @@ _PEFT_API = (
 )
 
 
+__all__ = [
+    "ALL_LINEAR",
+    "NAME_ALIASES",
+    "LoraLinear",
+    "LoraSpec",
+    "apply_lora",
+    "clean_name",
+    "linear_layer_names",
+    "lora_layers",
+    "lora_scaling",
+    "lora_state_dict",
+    "merge_lora",
+    "resolve_targets",
+    "trainable_state_dict",
+    *_PEFT_API,
+]
+
+
 def __getattr__(name: str):
     if name in _PEFT_API:
         from tunelab.model import lora_peft
