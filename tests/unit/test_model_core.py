@@ -11,6 +11,7 @@ from tests.helpers.model import packed_position_ids, random_ids
 from tests.helpers.tiny_models import FAMILIES, tiny_hf_config, tiny_hf_model
 from tunelab.errors import ConfigError
 from tunelab.model.config import ModelConfig
+from tunelab.model.hf import load_hf_state_dict, save_hf
 from tunelab.model.init import build_from_scratch, init_weights
 from tunelab.model.transformer import Transformer
 
@@ -73,8 +74,8 @@ def test_init_is_seeded_and_scaled():
 def test_flex_backend_forward_equals_sdpa_on_cpu():
     cfg = ModelConfig.from_hf(tiny_hf_config("qwen3"))
     model = build_from_scratch(cfg, seed=1).requires_grad_(False)  # no flex backward on CPU
-    pos = packed_position_ids([[30, 50, 48], [128]])
-    ids = random_ids(2, 128)
+    pos = packed_position_ids([[30, 50, 60], [140]])  # not a multiple of flex's block size
+    ids = random_ids(2, 140)
     with torch.no_grad():
         sdpa = model(ids, pos)
         causal = model(ids)
@@ -106,7 +107,7 @@ def test_pipeline_stage_path_hidden_in_hidden_out():
     assert "model.layers.3.mlp.up_proj.weight" in dict(last.named_parameters())
 
 
-def test_activation_checkpointed_blocks_give_equal_grads():
+def test_activation_checkpointed_blocks_give_equal_grads(tmp_path):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     cfg = ModelConfig.from_hf(tiny_hf_config("llama3"))
@@ -119,6 +120,9 @@ def test_activation_checkpointed_blocks_give_equal_grads():
     g_ref = [p.grad for p in ref.parameters()]
     g_ck = [p.grad for p in ckpt.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(g_ref, g_ck))
+    # Saving a wrapped model writes plain HF names.
+    out = save_hf(ckpt, cfg, tmp_path / "hf")
+    assert set(load_hf_state_dict(out)) == set(ref.state_dict()) - {"lm_head.weight"}
 
 
 @pytest.mark.slow

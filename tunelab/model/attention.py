@@ -94,21 +94,35 @@ def build_attention_mask(
     raise ConfigError(f"unknown attention backend {backend!r}")
 
 
-def _flex_block_mask(position_ids, batch: int, seq_len: int, device):
+_compiled_block_mask = None
+
+
+def _create_block_mask(*args, device):
+    """``create_block_mask``, compiled on GPU (eager evaluates the mask on every q/k pair)."""
+    global _compiled_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
+
+    if torch.device(device).type != "cuda":
+        return create_block_mask(*args, device=device)
+    if _compiled_block_mask is None:
+        _compiled_block_mask = torch.compile(create_block_mask)
+    return _compiled_block_mask(*args, device=device)
+
+
+def _flex_block_mask(position_ids, batch: int, seq_len: int, device):
 
     if position_ids is None:
 
         def mask_mod(b, h, q, k):
             return q >= k
 
-        return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+        return _create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
     doc = document_ids(position_ids)
 
     def doc_mask_mod(b, h, q, k):
         return (q >= k) & (doc[b, q] == doc[b, k])
 
-    return create_block_mask(doc_mask_mod, batch, None, seq_len, seq_len, device=device)
+    return _create_block_mask(doc_mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
 _compiled_flex = None

@@ -183,6 +183,14 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base)
 
 
+_WRAPPER_INFIXES = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
+
+
+def hf_name(name: str) -> str:
+    """Our/HF parameter name with wrapper infixes (activation checkpointing, compile) removed."""
+    return _WRAPPER_INFIXES.sub("", name)
+
+
 def _plain_tensor(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):  # DTensor from a sharded model
         t = t.full_tensor()
@@ -222,6 +230,7 @@ def save_hf(
     torch_dtype = to_torch_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.items():
+        name = hf_name(name)
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         t = _plain_tensor(t)
