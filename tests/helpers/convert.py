@@ -2,12 +2,13 @@
 
 `python -m tests.helpers.convert JOBS.pt` runs in a separate process (it initializes a gloo
 process group and Megatron's parallel state, which must not leak into the pytest process).
-JOBS.pt holds ``{"input_ids": LongTensor[B, S], "jobs": [(mg_dir, out_path), ...]}``; for each
+JOBS.pt holds ``{"input_ids": LongTensor[B, S], "jobs": [(mg_dir, out_path), ...]}`` and
+optionally ``"device": "cuda"``; for each
 job it builds ``GPTModel`` with the local layer spec from the checkpoint's ``args``, loads the
 TP1 PP1 file with ``load_state_dict(strict=True)`` and saves the logits.
 
-Megatron-core assumes CUDA in two places that do not matter for a CPU forward; they are
-patched here, and only here: the rotary ``inv_freq`` is moved to ``torch.cuda.current_device()``
+On CPU, Megatron-core assumes CUDA in two places that do not matter for a forward; they are
+patched here, and only on CPU: the rotary ``inv_freq`` is moved to ``torch.cuda.current_device()``
 (we answer "cpu") and attention dropout forks the CUDA RNG tracker (a no-op context in eval).
 """
 
@@ -32,7 +33,7 @@ def _read_megatron_file(mg_dir: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _gpt_model(args):
+def _gpt_model(args, use_cpu_initialization: bool = True):
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -53,7 +54,9 @@ def _gpt_model(args):
         add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm,
         params_dtype=args.params_dtype,
-        use_cpu_initialization=True,
+        use_cpu_initialization=use_cpu_initialization,
+        bf16=args.params_dtype == torch.bfloat16,
+        fp16=args.params_dtype == torch.float16,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -83,29 +86,34 @@ def main(jobs_path: str) -> int:
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
 
-    torch.cuda.current_device = lambda: "cpu"
+    spec = torch.load(jobs_path, weights_only=True)
+    device = spec.get("device", "cpu")
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom.CudaRNGStatesTracker.fork = lambda self, name="": contextlib.nullcontext()
+    if device == "cpu":
+        torch.cuda.current_device = lambda: "cpu"
+        mrandom.CudaRNGStatesTracker.fork = lambda self, name="": contextlib.nullcontext()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
-    spec = torch.load(jobs_path, weights_only=True)
-    ids = spec["input_ids"]
+    if device != "cpu":
+        mrandom.model_parallel_cuda_manual_seed(0)
+    ids = spec["input_ids"].to(device)
     b, s = ids.shape
-    position_ids = torch.arange(s).expand(b, s)
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+    position_ids = torch.arange(s, device=device).expand(b, s)
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1)[None, None]
     code = 0
     for mg_dir, out_path in spec["jobs"]:
         obj = _read_megatron_file(Path(mg_dir))
-        model = _gpt_model(obj["args"])
+        model = _gpt_model(obj["args"], use_cpu_initialization=device == "cpu")
         model.load_state_dict(obj["model"], strict=True)
+        model.to(device)
         model.eval()
         with torch.no_grad():
             logits = model(ids, position_ids, attention_mask=causal)
-        torch.save(logits.float(), out_path)
+        torch.save(logits.float().cpu(), out_path)
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -183,3 +183,22 @@ def test_broken_inputs_leave_no_output(tmp_path):
         convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "b", progress=False))
     with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt"):
         convert(ConvertOptions("mg", "hf", hf, save_hf_dir=tmp_path / "b", progress=False))
+
+
+def test_hf_to_mcore_holds_about_one_stage(tmp_path):
+    """Stages are written as soon as complete: with 4 stages, far less than the model is held."""
+    from tunelab.convert import layout as L
+    from tunelab.convert.megatron import McoreWriter, dims_from_config, iter_hf_source
+    from tunelab.model.config import ModelConfig
+
+    hf = save_tiny_hf_model(tmp_path / "hf", "llama2", num_hidden_layers=8)
+    cfg = ModelConfig.from_hf(hf)
+    dims = dims_from_config(cfg)
+    lay = L.ParallelLayout.build(8, tp=2, pp=4)
+    total = sum(t.numel() * t.element_size() for t in load_hf_state_dict(hf).values())
+    writer = McoreWriter(tmp_path / "it", cfg, dims, lay, False, None, argparse.Namespace(), 1)
+    for name, t in iter_hf_source(hf, cfg):
+        writer.add(name, t)
+    writer.finish()
+    assert writer.files_written == 8
+    assert 0 < writer.peak_buffered_bytes < 0.5 * total

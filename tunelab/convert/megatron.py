@@ -371,6 +371,8 @@ class McoreWriter:
         self._buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(lay.pp)]
         self._done = [False] * lay.pp
         self.files_written = 0
+        self._buffered = 0
+        self.peak_buffered_bytes = 0  # memory held waiting for a stage to complete
 
     def add(self, name: str, t: torch.Tensor) -> None:
         m = _HF_LAYER.match(name)
@@ -389,6 +391,8 @@ class McoreWriter:
                     f"({self.cfg.model_type}, {self.dims.num_layers} layers)"
                 )
             self._buffers[p][name] = t
+            self._buffered += t.numel() * t.element_size()
+            self.peak_buffered_bytes = max(self.peak_buffered_bytes, self._buffered)
             if self._buffers[p].keys() == self._expected[p]:
                 self._flush(p)
 
@@ -404,6 +408,7 @@ class McoreWriter:
     def _flush(self, p: int) -> None:
         hf = self._buffers[p]
         self._buffers[p] = {}
+        self._buffered -= sum(t.numel() * t.element_size() for t in hf.values())
         if self.adapter is not None:
             from tunelab.model.lora import merge_adapter_into_state_dict
 
@@ -584,6 +589,8 @@ def convert(opts: ConvertOptions) -> Path:
             ):
                 writer.add(name, t)
             writer.finish()
+            log.info("peak memory held for unfinished stages: %.1f MB",
+                     writer.peak_buffered_bytes / 1e6)  # fmt: skip
             _check_lora_done(adapter, writer.merged, mlora)
         atomic_write_text(save_dir / TRACKER, f"{opts.iteration}\n")
         return save_dir
