@@ -136,3 +136,16 @@ def test_blocks_work_under_torch_compile():
     compiled_loss, _ = model.loss(ids, ids, pos)
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_repeated_kv_heads_equal_native_gqa():
+    import torch.nn.functional as F
+
+    from tunelab.model.attention import _repeat_kv
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 10, 16, generator=g) for h in (8, 2, 2))
+    mask = torch.ones(10, 10, dtype=torch.bool).tril()
+    native = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    repeated = F.scaled_dot_product_attention(q, _repeat_kv(k, 8), _repeat_kv(v, 8), attn_mask=mask)
+    torch.testing.assert_close(native, repeated)

@@ -140,12 +140,22 @@ def _flex_attention():
     return _compiled_flex
 
 
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, h_kv, s, d = x.shape
+    return x[:, :, None].expand(b, h_kv, heads // h_kv, s, d).reshape(b, heads, s, d)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Scaled dot-product attention, GQA (k/v have fewer heads). In/out ``[B, H, S, D]``."""
     gqa = q.shape[1] != k.shape[1]
     if mask.backend == "sdpa":
         if mask.dense is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, enable_gqa=gqa)
+        if gqa and q.is_cuda:
+            # With an explicit mask, CUDA SDPA supports GQA only in its quadratic-memory math
+            # kernel; repeating K/V heads keeps the memory-efficient kernel eligible.
+            k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+            gqa = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     if mask.backend == "flex":
         return _flex_attention()(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
