@@ -1,0 +1,586 @@
+"""The training loop: data, model, optimizer, schedule, accumulation, eval, checkpoints.
+
+One step = one global batch. Every micro-batch's summed token loss is divided by the number of
+supervised tokens of the whole global batch (all micro-batches, all data-parallel ranks,
+all-reduced before the first backward), so accumulation and data parallelism give the
+gradients of one big batch.
+
+Seams for distributed and LoRA runs: ``Trainer.mesh`` (None on one process) is built from
+``parallel`` under torchrun and handed to ``parallelize``; ``_global_count`` / ``_global_loss``
+reduce over its data-parallel group; ``model_parts`` is a list so a pipeline stage split can
+hold several parts. LoRA (``lora.r > 0``) is applied before parallelizing; only trainable
+parameters are optimized and checkpointed, and the run ends with a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tunelab.config import RunConfig, parse_blend, parse_split
+from tunelab.data import dataset as ds
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.train.checkpoint import CheckpointManager
+from tunelab.train.metrics import MetricsLogger, memory_gib, peak_flops
+from tunelab.train.optim import LRSchedule, Scheduler, build_optimizer
+from tunelab.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(TunelabError):
+    """The run cannot continue (a non-finite loss under nan_policy=stop, ...)."""
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    last_step: int = 0
+    stopped_by_signal: int | None = None  # the signal number
+    skipped_steps: int = 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _clean(name: str) -> str:
+    # checkpoint / compile wrappers add prefixes to named_parameters (not to state_dict)
+    for junk in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(junk, "")
+    return name
+
+
+class Trainer:
+    """Build with a validated :class:`RunConfig`; :meth:`train` runs to the end or a signal.
+
+    ``callbacks`` are called as ``cb(trainer, step, record)`` after every optimizer step
+    (record: the step's metrics); tests use them to observe or interrupt a run.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        callbacks: list[Callable[[Trainer, int, dict], None]] | None = None,
+    ):
+        self.cfg = cfg
+        self.callbacks = list(callbacks or [])
+        self.out = Path(cfg.train.output_dir)
+        self._signal: int | None = None
+        self.mesh = None
+        self.env = None
+        self._setup_process()
+        cfg.validate(self.world_size)
+        self._setup_data_sources()
+        self._setup_model()
+        self._setup_optim()
+        self._setup_loaders()
+        self.ckpt = CheckpointManager(self.out, cfg.checkpoint.keep_last)
+        self.step = 0
+        self._resume()
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _setup_process(self) -> None:
+        from tunelab.parallel.launch import init_distributed
+
+        self.env = init_distributed(self.cfg.train.device)
+        self.device = self.env.device
+        self.rank = self.env.rank
+        self.world_size = self.env.world_size
+        self.is_main = self.env.is_main
+        self.dp_rank, self.dp_size = 0, 1
+        if self.env.distributed:
+            from tunelab.parallel.dims import ParallelDims, dp_rank, dp_size
+
+            self.dims = ParallelDims.from_config(self.cfg.parallel, self.world_size)
+            self.mesh = self.dims.build_mesh(self.device.type)
+            self.dp_rank, self.dp_size = dp_rank(self.mesh), dp_size(self.mesh)
+            if self.dims.pp_enabled:
+                # Seam for the pipeline: build_pipeline(...) and forward_backward(pipeline,...)
+                raise ConfigError("parallel.pp > 1 is not wired into tunelab train yet")
+        torch.manual_seed(self.cfg.train.seed)
+
+    def _setup_data_sources(self) -> None:
+        c = self.cfg
+        tok_dir = c.data.tokenizer or c.model.path
+        self.tokenizer = None
+        self.tokenizer_dir = None
+        if tok_dir and (Path(tok_dir) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            self.tokenizer_dir = tok_dir
+        elif c.data.tokenizer:
+            raise ConfigError(f"data.tokenizer={c.data.tokenizer}: no tokenizer_config.json there")
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        pad = c.data.pad_token_id
+        if pad is None and self.tokenizer is not None:
+            pad = self.tokenizer.pad_token_id
+        self.pad_id = 0 if pad is None else pad
+        split = parse_split(c.data.split)
+
+        def sources(blend_items: list[str], part: int | None):
+            out = []
+            for w, prefix in parse_blend(blend_items):
+                out.append((w, self._source(prefix, part, split, eos)))
+            return out
+
+        self.train_sources = sources(c.data.path, 0)
+        if c.data.eval_path:
+            self.eval_sources = [s for _, s in sources(c.data.eval_path, None)]
+        elif split[1] > 0:
+            self.eval_sources = [s for _, s in sources(c.data.path, 1)]
+        else:
+            self.eval_sources = []
+
+    def _source(self, prefix: str, part: int | None, split, eos):
+        c = self.cfg.data
+        if c.mode == "pretrain":
+            probe = ds.IndexedDataset(ds.pretrain_prefix(prefix))
+        else:
+            probe = ds.IndexedDataset(ds.sft_field_prefixes(prefix)["input_ids"])
+        rng = None if part is None else ds.split_range(probe.num_documents, split, part)
+        if c.mode == "pretrain":
+            return ds.PretrainSource(prefix, c.seq_length, rng, c.reset_position_ids, eos)
+        return ds.SFTSource(prefix, rng, eos, c.packed)
+
+    def _setup_model(self) -> None:
+        c = self.cfg
+        from tunelab.model.config import ModelConfig
+
+        if c.model.path:
+            from tunelab.model.hf import load_model
+
+            self.model_config = ModelConfig.from_hf(c.model.path)
+            model = load_model(
+                c.model.path, torch.float32, self.device, attn_backend=c.model.attn_backend
+            )
+        else:
+            from tunelab.model.init import build_from_scratch, init_weights
+
+            self.model_config = ModelConfig.from_hf(c.model.config)
+            model = build_from_scratch(
+                self.model_config, c.train.seed, torch.float32, self.device, c.model.attn_backend
+            )
+            if c.model.init_std is not None:
+                init_weights(model, c.train.seed, c.model.init_std)
+        all_sources = [s for _, s in self.train_sources] + self.eval_sources
+        ds.check_sources(all_sources, self.model_config.vocab_size, c.data.seq_length)
+        if self.mesh is not None:
+            self.dims.check_model(self.model_config, c.parallel)
+        self.lora_spec = None
+        if c.lora.r > 0:
+            from tunelab.model.lora import LoraSpec, apply_lora, load_peft_adapter
+
+            self.lora_spec = LoraSpec(
+                r=c.lora.r,
+                alpha=c.lora.alpha,
+                dropout=c.lora.dropout,
+                target_modules=c.lora.target_modules,
+                use_rslora=c.lora.use_rslora,
+            )
+            base_dtype = _dtype(c.lora.base_dtype) if c.lora.base_dtype else None
+            if c.lora.load:
+                load_peft_adapter(model, c.lora.load)
+                if base_dtype is not None:
+                    logger.warning("lora.base_dtype is ignored when lora.load is set")
+            else:
+                apply_lora(model, self.lora_spec, base_dtype=base_dtype)
+        model.train()
+        # Pure bf16: the model computes in bf16; an fp32 copy is what the optimizer updates.
+        self.master = None
+        if c.train.precision == "bf16" and self.mesh is None:
+            import copy
+
+            self.master = copy.deepcopy(model)
+            model.to(torch.bfloat16)
+        from tunelab.parallel.parallelize import parallelize
+
+        parallelize(model, c.parallel, self.mesh, precision=c.train.precision)
+        self.model = model
+        self.model_parts = [model]
+        self.flops_per_token = self.model_config.flops_per_token(c.data.seq_length)
+
+    def _setup_optim(self) -> None:
+        target = self.master if self.master is not None else self.model
+        self.optimizer = build_optimizer(target, self.cfg.optim)
+        self.scheduler = Scheduler(self.optimizer, LRSchedule.from_config(self.cfg))
+
+    def _setup_loaders(self) -> None:
+        c = self.cfg
+        gbs = c.global_batch_size(self.world_size)
+        packed = all(s.packed for _, s in self.train_sources)
+        m = c.data.pad_to_multiple_of
+        if c.data.mode == "sft" and not packed:
+            if m is None:
+                m = 8 if c.data.variable_seq_lengths else c.data.seq_length
+            elif not c.data.variable_seq_lengths:
+                m = max(m, c.data.seq_length)  # fixed shape: pad every batch to seq_length
+        else:
+            m = None
+        self.collate = ds.Collator(c.data.seq_length, self.pad_id, m)
+        sampler = ds.BlendedSampler(
+            [s for _, s in self.train_sources],
+            [w for w, _ in self.train_sources],
+            c.train.seed,
+            c.data.shuffle,
+        )
+        self.loader = ds.TrainLoader(
+            sampler, self.collate, gbs, c.train.micro_batch_size, self.dp_rank, self.dp_size
+        )
+
+    # ---- state -----------------------------------------------------------------------------
+    def _trainable_keys(self) -> set[str] | None:
+        if self.lora_spec is None:
+            return None
+        return {_clean(n) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _state(self) -> dict[str, Any]:
+        from tunelab.parallel.state import model_state_dict, optimizer_state_dict
+
+        parts = [self.master] if self.master is not None else self.model_parts
+        model_sd = model_state_dict(parts)
+        keep = self._trainable_keys()
+        if keep is not None:  # LoRA: the frozen base is not checkpointed
+            model_sd = {k: v for k, v in model_sd.items() if k in keep}
+        return {
+            "model": model_sd,
+            "optimizer": optimizer_state_dict(parts, [self.optimizer]),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "train": {"step": self.step},
+        }
+
+    def _resume(self) -> None:
+        from tunelab.parallel.state import load_model_state_dict, load_optimizer_state_dict
+
+        found = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        if found is None:
+            if self.cfg.checkpoint.resume == "never" and self.ckpt.complete_steps():
+                logger.warning(
+                    "checkpoint.resume=never: starting from step 0 although %s holds "
+                    "checkpoints; they will be overwritten step by step",
+                    self.ckpt.root,
+                )
+            return
+        state = self._state()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            meta = self.ckpt.load(found, state)
+        parts = [self.master] if self.master is not None else self.model_parts
+        load_model_state_dict(parts, state["model"])
+        load_optimizer_state_dict(parts, [self.optimizer], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        self.step = int(state["train"]["step"])
+        if self.master is not None:
+            self._copy_master_to_model()
+        old = meta.get("config", {})
+        for sec in ("data", "train"):
+            for k, v in old.get(sec, {}).items():
+                now = getattr(getattr(self.cfg, sec), k, None)
+                if k not in ("steps", "output_dir") and now != v:
+                    logger.warning("resuming with %s.%s = %r (checkpoint had %r)", sec, k, now, v)
+        logger.info("resumed from %s at step %d", found, self.step)
+
+    def save_checkpoint(self) -> Path:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            return self.ckpt.save(self.step, self._state(), {"config": self.cfg.to_dict()})
+
+    # ---- reductions (no-ops on one process) --------------------------------------------------
+    def _global_count(self, n: int) -> float:
+        from tunelab.parallel.step import global_count
+
+        dev = self.device if self.device.type == "cuda" else None
+        return float(global_count(n, self.mesh, dev))
+
+    def _global_loss(self, local: torch.Tensor) -> float:
+        from tunelab.parallel.step import global_loss
+
+        return float(global_loss(local, self.mesh))
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    # ---- one step --------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16-mixed" and self.mesh is None:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+
+    @staticmethod
+    def _supervised(mb: dict[str, torch.Tensor]) -> int:
+        from tunelab.model.loss import IGNORE_INDEX, shift_labels
+
+        return int((shift_labels(mb["labels"], mb["position_ids"]) != IGNORE_INDEX).sum())
+
+    def _forward_backward(self, micro_batches) -> tuple[float, float, int]:
+        """Accumulate gradients; returns (global loss, global supervised tokens, tokens)."""
+        n_global = self._global_count(sum(self._supervised(mb) for mb in micro_batches))
+        denom = max(n_global, 1.0)
+        total = torch.zeros((), dtype=torch.float32)
+        tokens = 0
+        for mb in micro_batches:
+            mb = self._to_device(mb)
+            tokens += mb["input_ids"].numel()
+            with self._autocast():
+                loss_sum, _ = self.model.loss(mb["input_ids"], mb["labels"], mb["position_ids"])
+            loss = loss_sum.float() / denom
+            loss.backward()
+            total += loss.detach().float().cpu()
+        return self._global_loss(total), n_global, tokens * self.dp_size
+
+    def _copy_master_to_model(self) -> None:
+        with torch.no_grad():
+            src = dict(self.master.named_parameters())
+            for n, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(src[n])
+
+    def _clip(self) -> float:
+        from tunelab.parallel.grad import clip_grad_norm_, total_grad_norm
+
+        target = self.master if self.master is not None else self.model
+        params = [p for p in target.parameters() if p.requires_grad]
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm > 0:
+            return float(clip_grad_norm_(params, max_norm))
+        return float(total_grad_norm(params))
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """Clip and step; returns (grad norm, whether the update was applied)."""
+        if self.master is not None:
+            src = dict(self.model.named_parameters())
+            for n, p in self.master.named_parameters():
+                g = src[n].grad
+                p.grad = None if g is None else g.float()
+        gnorm = self._clip()
+        ok = math.isfinite(gnorm)
+        if ok:
+            self.optimizer.step()
+            if self.master is not None:
+                self._copy_master_to_model()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        return gnorm, ok
+
+    def _non_finite(self, loss: float, gnorm: float) -> None:
+        last = self.ckpt.latest()
+        raise TrainingError(
+            f"step {self.step + 1}: the loss became {loss} (grad norm {gnorm}) at lr "
+            f"{self.scheduler.lr:.3g}; stopped without saving this state. The last good "
+            f"checkpoint is {last or 'none'}. Lower optim.lr, raise optim.warmup_steps, check "
+            "the data, or set train.nan_policy=skip to skip such steps"
+        )
+
+    # ---- eval ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, int]:
+        """Mean loss per supervised token over the eval split (or train.eval_iters batches)."""
+        rounds = ds.eval_batches(
+            self.eval_sources,
+            self.collate,
+            self.cfg.train.micro_batch_size,
+            self.cfg.train.eval_iters,
+            self.dp_rank,
+            self.dp_size,
+        )
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for micro_batches in rounds:
+            for mb in micro_batches:
+                mb = self._to_device(mb)
+                with self._autocast():
+                    s, n = self.model.loss(mb["input_ids"], mb["labels"], mb["position_ids"])
+                loss_sum += s.double().cpu()
+                count += int(n)
+        self.model.train()
+        if self.mesh is not None:
+            from tunelab.parallel.step import reshard
+
+            reshard(self.model)
+        total = self._global_loss(loss_sum.float())
+        n = self._global_count(count)
+        return total / max(n, 1.0), int(n)
+
+    # ---- loop ------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is None:
+            logger.warning(
+                "received %s: saving a checkpoint after this step, then exiting",
+                signal.Signals(signum).name,
+            )
+        self._signal = signum
+
+    def _log_sample(self) -> None:
+        if self.tokenizer is None or not self.cfg.logging.log_sample or not self.is_main:
+            return
+        row = self.loader.sampler[self.loader.consumed_samples]
+        text = ds.render_sample(row, self.tokenizer)
+        logger.info("training sample (supervised spans in [[ ]]):\n%s", text)
+
+    def train(self) -> TrainResult:
+        c = self.cfg
+        result = TrainResult(last_step=self.step)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", c.to_yaml())
+        metrics = MetricsLogger(
+            self.out,
+            c.train.steps,
+            self.step,
+            c.logging.interval,
+            c.logging.progress,
+            c.logging.tensorboard,
+            c.logging.plot,
+            enabled=self.is_main,
+        )
+        peak = peak_flops(self.device, c.logging.peak_tflops)
+        self._log_sample()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        skipped_in_row = 0
+        try:
+            while self.step < c.train.steps:
+                t0 = time.perf_counter()
+                micro_batches = self.loader.next_batch()
+                loss, n_tokens, tokens = self._forward_backward(micro_batches)
+                finite = math.isfinite(loss)
+                gnorm, applied = self._optimizer_step() if finite else (float("nan"), False)
+                if not finite or not applied:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.model.zero_grad(set_to_none=True)
+                    if c.train.nan_policy == "stop":
+                        self._non_finite(loss, gnorm)
+                    skipped_in_row += 1
+                    result.skipped_steps += 1
+                    logger.warning(
+                        "step %d: non-finite loss %s / grad norm %s: update skipped",
+                        self.step + 1,
+                        loss,
+                        gnorm,
+                    )
+                    if skipped_in_row > c.train.max_skipped_steps:
+                        raise TrainingError(
+                            f"{skipped_in_row} steps in a row had a non-finite loss (more than "
+                            f"train.max_skipped_steps={c.train.max_skipped_steps}); stopping. "
+                            "Lower optim.lr or check the data"
+                        )
+                else:
+                    skipped_in_row = 0
+                lr = self.scheduler.lr
+                self.scheduler.step()
+                self.step += 1
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                tps = tokens / dt if dt > 0 else 0.0
+                record = {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": gnorm,
+                    "num_supervised_tokens": int(n_tokens),
+                    "tokens_per_s": tps,
+                    "mfu": None
+                    if peak is None
+                    else tps * self.flops_per_token / (peak * self.world_size),
+                    "memory_gib": memory_gib(self.device),
+                    "step_time_s": dt,
+                    "skipped": not (finite and applied),
+                }
+                result.losses[self.step] = loss
+                result.last_step = self.step
+                metrics.log_step(record)
+                for cb in self.callbacks:
+                    cb(self, self.step, record)
+                if (
+                    c.train.eval_interval
+                    and self.eval_sources
+                    and self.step % c.train.eval_interval == 0
+                ):
+                    ev, n = self.evaluate()
+                    result.eval_losses[self.step] = ev
+                    metrics.log_eval(self.step, ev, n)
+                stop = self._any_rank(self._signal is not None)
+                last = self.step == c.train.steps
+                # Never poisoned: a non-finite step either raised above or was not applied.
+                if (
+                    stop
+                    or (c.checkpoint.interval and self.step % c.checkpoint.interval == 0)
+                    or (last and c.checkpoint.save_final)
+                ):
+                    self.save_checkpoint()
+                if stop:
+                    result.stopped_by_signal = self._signal or signal.SIGTERM
+                    logger.warning(
+                        "stopped at step %d by a signal; rerun the same command to resume",
+                        self.step,
+                    )
+                    return result
+            self._export()
+            return result
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            metrics.close()
+
+    # ---- export ------------------------------------------------------------------------------
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        src = self.master if self.master is not None else self.model
+        if self.mesh is None:
+            return {_clean(k): v for k, v in src.state_dict().items()}
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(src, options=opts)
+
+    def _export(self) -> None:
+        c = self.cfg
+        if self.lora_spec is not None:
+            from tunelab.model.lora import save_peft_adapter
+
+            if self.is_main:
+                save_peft_adapter(
+                    self.model,
+                    self.lora_spec,
+                    self.out / "adapter",
+                    base_model_name_or_path=c.model.path,
+                    tokenizer_dir=self.tokenizer_dir,
+                )
+        if not c.export_hf():
+            return
+        from tunelab.model.hf import save_hf
+
+        state = self._full_state()
+        if self.lora_spec is not None:  # hf/ of the base model, adapters left out
+            state = {k: v for k, v in state.items() if ".lora_" not in k}
+        if not self.is_main:
+            return
+        dtype = c.model.export_dtype
+        if dtype == "auto":
+            dtype = self.model_config.torch_dtype or "float32"
+        save_hf(
+            state, self.model_config, self.out / "hf", dtype=dtype, tokenizer_dir=self.tokenizer_dir
+        )
+        logger.info("exported %s", self.out / "hf")
