@@ -4,7 +4,8 @@ Every linear and embedding weight is drawn from N(0, std); the projections that 
 the residual stream (``o_proj``, ``down_proj``) use ``std / sqrt(2 * num_layers)`` (GPT-2 /
 Megatron's scaled init) so the residual variance does not grow with depth. Biases are zero,
 norm weights one. Values are drawn on the CPU from a seeded generator in a fixed parameter
-order, so the same seed gives the same model on any device and with any dtype.
+order, so the same seed gives the same model on any device, with any dtype and under any
+sharding (DTensor parameters receive their local part of the same full tensor).
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def init_weights(model: Transformer, seed: int = 0, std: float | None = None) ->
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
 
     def normal_(p: torch.Tensor, s: float) -> None:
-        p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=gen))
+        full = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=gen)
+        if hasattr(p, "device_mesh"):  # a DTensor (FSDP / TP sharded): keep this rank's part
+            from torch.distributed.tensor import distribute_tensor
+
+            mesh = p.device_mesh
+            full = full.to(device=mesh.device_type, dtype=p.dtype)
+            # Every rank drew the same values from the same seed: no communication needed.
+            p.copy_(distribute_tensor(full, mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(full)
 
     done: set[int] = set()  # a tied weight is initialized once (as the embedding)
     for name, module in model.named_modules():
