@@ -202,3 +202,27 @@ def test_hf_to_mcore_holds_about_one_stage(tmp_path):
     writer.finish()
     assert writer.files_written == 8
     assert 0 < writer.peak_buffered_bytes < 0.5 * total
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    hf = save_tiny_hf_model(tmp_path / "hf", "qwen2")
+    mg = convert(ConvertOptions("hf", "mg", hf, tmp_path / "mg", tp=2, progress=False))
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads((hf / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    with pytest.raises(
+        CheckpointError,
+        match=r"gate_proj.weight has shape \(128, 64\) but the config implies \(96, 64\)",
+    ):
+        convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "b", hf_config_dir=other,
+                               progress=False))  # fmt: skip
+    (other / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(CheckpointError, match="holds 2 layers but the config says 3"):
+        convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "b", hf_config_dir=other,
+                               progress=False))  # fmt: skip
+    shutil.copy(hf / "model.safetensors", other / "model.safetensors")
+    (other / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128, "head_dim": 16}))
+    with pytest.raises(CheckpointError, match="config implies"):
+        convert(ConvertOptions("hf", "mg", other, tmp_path / "x", progress=False))
+    assert not (tmp_path / "b").exists()

@@ -284,6 +284,40 @@ def merge_tp(ranks: Sequence[torch.Tensor], kind: str, key: str = "") -> torch.T
 # ---------------------------------------------------------------- per-layer conversion
 
 
+def hf_layer_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
+    """Expected HF tensor shapes of one decoder layer (names relative to the layer)."""
+    h, d, ffn = dims.hidden_size, dims.head_dim, dims.ffn_hidden_size
+    q, kv = dims.num_heads * d, dims.num_kv_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (ffn, h),
+        "mlp.up_proj.weight": (ffn, h),
+        "mlp.down_proj.weight": (h, ffn),
+    }
+    if dims.qkv_bias:
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                       "self_attn.v_proj.bias": (kv,)})  # fmt: skip
+    if dims.qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    return shapes
+
+
+def check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise ValueError naming the first tensor whose shape the config does not predict."""
+    for k, t in tensors.items():
+        want = shapes.get(k)
+        if want is not None and tuple(t.shape) != want:
+            raise ValueError(
+                f"{k} has shape {tuple(t.shape)} but the config implies {want} "
+                "(is the config for these weights?)"
+            )
+
+
 def layer_to_mcore(
     hf: dict[str, torch.Tensor], dims: ModelDims, tp: int, te: bool = False
 ) -> list[dict[str, torch.Tensor]]:
@@ -292,6 +326,7 @@ def layer_to_mcore(
     Raises KeyError naming a missing tensor and ValueError for a tensor left unconverted.
     """
     hf = dict(hf)
+    check_shapes(hf, hf_layer_shapes(dims))
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
 
     def put(key: str, parts: list[torch.Tensor]) -> None:
@@ -348,6 +383,7 @@ def layer_from_mcore(ranks: Sequence[dict[str, torch.Tensor]], dims: ModelDims) 
             keys.discard(mg_key)
     if keys:
         raise ValueError(f"tensors tunelab cannot convert to HF: {sorted(keys)}")
+    check_shapes(hf, hf_layer_shapes(dims))
     return hf
 
 

@@ -316,9 +316,23 @@ class McoreReader:
                         f"{where}: {mg} has {t.shape[0]} rows, fewer than vocab_size {vocab}"
                     )
                 t = t[:vocab]  # Megatron pads the vocab to a multiple; HF has the true size
+            if (
+                t.shape[1:] != (self.dims.hidden_size,)
+                and t.dim() == 2
+                or (t.dim() == 1 and t.shape != (self.dims.hidden_size,))
+            ):
+                raise CheckpointError(
+                    f"{where}: {mg} has shape {tuple(t.shape)}; hidden_size is "
+                    f"{self.dims.hidden_size} (is the config for this checkpoint?)"
+                )
             yield hf, t
         if keys:
             raise CheckpointError(f"{where}: tensors tunelab cannot convert: {sorted(keys)}")
+
+
+def _non_layer_shapes(dims: L.ModelDims) -> dict[str, tuple[int, ...]]:
+    v, h = dims.vocab_size, dims.hidden_size
+    return {L.EMBED_HF: (v, h), L.HEAD_HF: (v, h), L.NORM_HF: (h,)}
 
 
 def _count_layers(model: dict) -> int:
@@ -413,6 +427,10 @@ class McoreWriter:
             from tunelab.model.lora import merge_adapter_into_state_dict
 
             hf = merge_adapter_into_state_dict(hf, self.adapter, merged=self.merged)
+        try:
+            L.check_shapes(hf, _non_layer_shapes(self.dims))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         if self.dtype is not None:
             hf = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in hf.items()}
         lay, tp = self.layout, self.layout.tp
