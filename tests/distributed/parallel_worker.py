@@ -91,6 +91,17 @@ def check_lora_layout(model, dims: ParallelDims) -> None:
         assert tp_placement(row.lora_B.weight) == Replicate()
 
 
+def check_vocab_parallel(model) -> None:
+    """Embedding and lm_head hold V / tp rows each (tied: still one parameter)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for w in (model.model.embed_tokens.weight, model.lm_head.weight):
+        assert isinstance(w, DTensor)
+        assert w.placements[w.device_mesh.mesh_dim_names.index("tp")] == Shard(0)
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def run_check(name: str, steps: int, out: Path) -> None:
     family, layout = CHECKS[name]
     cfg = {**FP32, **layout}
@@ -119,6 +130,8 @@ def run_check(name: str, steps: int, out: Path) -> None:
         parts = [parallelize(model, cfg, mesh)]
         if family.startswith("lora:"):
             check_lora_layout(parts[0], dims)
+        if dims.tp_enabled:
+            check_vocab_parallel(parts[0])
         # Two micro-batches per rank: accumulation with unequal token counts per micro-batch.
         micro = 2 if dims.dp_size <= 2 else 1
         losses = train_losses(parts, steps, mesh=mesh, num_micro=micro, grad_norms=norms)

@@ -11,10 +11,10 @@ stream) are split along the sequence across the tp ranks inside each stage's run
 and gathered just before each column-parallel region; this cuts activation memory by ``tp`` and turns all-reduces into
 reduce-scatter + all-gather of the same total volume.
 
-The embedding is vocabulary-parallel when it is not tied to ``lm_head``. ``lm_head`` and the
-final norm stay replicated: the chunked loss (``LMHead``) needs the full weight and the full
-final hidden states, so each tp rank computes the (identical) loss; FSDP still shards them
-over the data-parallel ranks.
+The embedding and ``lm_head`` (tied or not) are vocabulary-parallel: each rank holds
+``V / tp`` rows, and the chunked loss completes log-sum-exp and target logits with
+all-reduces (see vocab_parallel.py) instead of gathering logits. The final norm runs on the
+whole sequence (replicated), since the loss needs every position's hidden state.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
     )
 
     from tunelab.model.lora import LoraLinear
+    from tunelab.parallel.vocab_parallel import shard_lm_head
 
     lora_col, lora_row = _lora_styles()
 
@@ -96,15 +97,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
     between = seq if sequence_parallel else Replicate()
 
     if body.embed_tokens is not None:
-        # From the config: a pipeline's first stage has no lm_head to compare with.
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        # Tied: the weight is also lm_head's, which must stay whole for the chunked loss.
-        if not tied:
-            parallelize_module(
-                body.embed_tokens,
-                tp_mesh,
-                RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            )
+        parallelize_module(
+            body.embed_tokens,
+            tp_mesh,
+            RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        )
+    if model.lm_head is not None:
+        if getattr(model.config, "tie_word_embeddings", False) and body.embed_tokens is not None:
+            # Re-tie: the embedding's weight is now a vocabulary-sharded DTensor, lm_head's too.
+            model.lm_head.weight = body.embed_tokens.weight
+        shard_lm_head(model.lm_head, tp_mesh)
 
     blocks = list(body.layers.values())
     if sequence_parallel and blocks:
