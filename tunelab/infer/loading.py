@@ -115,11 +115,11 @@ def load_for_inference(
         cfg = ModelConfig.from_hf(model_dir)
         torch_dtype = resolve_dtype(dtype, dev, cfg)
         model = load_model(model_dir, dtype=torch_dtype, device=dev)
-        hf_dir = model_dir
+        tok_dir = gen_dir = model_dir
     else:
         from tunelab.infer.step_checkpoint import load_step_checkpoint
 
-        model, cfg, hf_dir = load_step_checkpoint(model_dir, dtype, dev, resolve_dtype)
+        model, cfg, tok_dir, gen_dir = load_step_checkpoint(model_dir, dtype, dev, resolve_dtype)
         torch_dtype = next(model.parameters()).dtype
     if adapter is not None:
         from tunelab.model.lora import load_peft_adapter, merge_lora
@@ -131,12 +131,11 @@ def load_for_inference(
     model.eval().requires_grad_(False)
     # Like merge-lora: an adapter saved with its tokenizer (fine-tuning often changes the chat
     # template) brings the tokenizer to use.
-    tok_dir = hf_dir
     if adapter is not None and any(
         (Path(adapter) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
     ):
         tok_dir = Path(adapter)
         log.info("using the tokenizer saved with the adapter: %s", tok_dir)
     tokenizer = _load_tokenizer(tok_dir)
-    defaults, eos = read_generation_defaults(hf_dir, cfg, tokenizer)
+    defaults, eos = read_generation_defaults(gen_dir, cfg, tokenizer)
     return Loaded(model, tokenizer, cfg, dev, torch_dtype, defaults, eos)
