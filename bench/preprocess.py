@@ -137,12 +137,11 @@ def time_tunelab(data: Path, tok: Path, prefix: Path, workers: int, pack: bool) 
     ]
     if pack:
         cmd += ["--pack", "--seq-length", "1024"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = _timed(cmd)
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "rows": summary["rows_read"],
         "tokens": summary["tokens"],
         "command": " ".join(cmd[1:]),
@@ -250,17 +249,14 @@ def main() -> int:
             json.dumps({"name": name, "workers": args.workers, "best_of": args.repeats, **r}),
             flush=True,
         )
-    base = results["hf_datasets_map"]["rows_per_s"]
-    print(
-        json.dumps(
-            {
-                "name": "ratio_vs_hf_datasets_map",
-                "tunelab_nonpack": round(results["tunelab_nonpack"]["rows_per_s"] / base, 2),
-                "tunelab_pack": round(results["tunelab_pack"]["rows_per_s"] / base, 2),
-                "cpu_count": os.cpu_count(),
-            }
-        )
-    )
+    hf = results["hf_datasets_map"]
+    ratio = {"name": "ratio_vs_hf_datasets_map"}
+    for name in ("tunelab_nonpack", "tunelab_pack"):
+        ratio[name] = round(results[name]["rows_per_s"] / hf["rows_per_s"], 2)
+        ratio[name + "_cpu"] = round(hf["cpu_seconds"] / results[name]["cpu_seconds"], 2)
+    ratio["cpu_count"] = os.cpu_count()
+    ratio["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(ratio))
     return 0
 
 

@@ -253,7 +253,7 @@ class IndexedDatasetBuilder:
         return np.ascontiguousarray(arr, dtype=self.dtype).reshape(-1)
 
     def _write(self, flat: np.ndarray, lengths: np.ndarray) -> None:
-        self._file.write(flat.tobytes(order="C"))
+        self._file.write(memoryview(flat).cast("B"))  # no copy: flat is C-contiguous
         self._lengths.append(lengths.astype(np.int32, copy=False))
         self._num_sequences += len(lengths)
 

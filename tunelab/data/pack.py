@@ -69,13 +69,10 @@ def pack_samples(
         np.cumsum(lengths[:-1], out=starts[1:])
     rows = best_fit(lengths, seq_length)
     n_rows = len(rows)
-    ids = np.full((n_rows, seq_length), pad_id, dtype=np.int64)
-    labels = np.full((n_rows, seq_length), IGNORE_INDEX, dtype=np.int64)
-    mask = (
-        np.zeros((n_rows, seq_length), dtype=np.int64)
-        if neat
-        else np.ones((n_rows, seq_length), dtype=np.int64)
-    )
+    # int32 holds any token id and -100, and is what the files store.
+    ids = np.full((n_rows, seq_length), pad_id, dtype=np.int32)
+    labels = np.full((n_rows, seq_length), IGNORE_INDEX, dtype=np.int32)
+    mask = (np.zeros if neat else np.ones)((n_rows, seq_length), dtype=np.int32)
     for r, members in enumerate(rows):
         pos = 0
         for k, i in enumerate(members, 1):
