@@ -145,20 +145,33 @@ def test_config_from_megatron_args_only(tmp_path):
     )
 
 
-def test_unsafe_pickle_refused_unless_allowed(tmp_path):
+def test_unknown_globals_read_as_placeholders_or_refused(tmp_path, caplog):
+    from tunelab.convert.mcore_io import Opaque, load_file
+
     hf = save_tiny_hf_model(tmp_path / "hf", "llama2")
     mg = convert(ConvertOptions("hf", "mg", hf, tmp_path / "mg", progress=False))
     path = _file(mg, "mp_rank_00")
     obj = _load(path)
+    # Megatron training checkpoints pickle enums / functions in args: read as inert placeholders
     obj["args"].attention_backend = NotAllowlisted(3)
+    obj["args"].activation_func = torch.nn.functional.silu
     torch.save(obj, path)
-    opts = dict(save_hf_dir=tmp_path / "b", hf_config_dir=hf, progress=False)
-    with pytest.raises(CheckpointError, match="--allow-unsafe-pickle") as e:
-        convert(ConvertOptions("mg", "hf", mg, **opts))
-    assert "NotAllowlisted" in str(e.value) and str(path) in str(e.value)
-    assert not (tmp_path / "b").exists()
-    convert(ConvertOptions("mg", "hf", mg, allow_unsafe_pickle=True, **opts))
+    opts = dict(hf_config_dir=hf, progress=False)
+    convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "b", **opts))
     _assert_same(hf, tmp_path / "b")
+    assert "NotAllowlisted" in caplog.text and "opaque placeholders" in caplog.text
+    args = load_file(path)["args"]
+    assert isinstance(args.attention_backend, Opaque) and args.num_layers == 2
+    assert isinstance(
+        load_file(path, allow_unsafe_pickle=True)["args"].attention_backend, NotAllowlisted
+    )
+    # an unknown object where a tensor belongs is refused, naming the file and the flag
+    obj["model"]["decoder.layers.0.input_layernorm.weight"] = NotAllowlisted(4)
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="--allow-unsafe-pickle") as e:
+        convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "c", **opts))
+    assert "NotAllowlisted" in str(e.value) and str(path) in str(e.value)
+    assert not (tmp_path / "c").exists()
 
 
 def test_broken_inputs_leave_no_output(tmp_path):

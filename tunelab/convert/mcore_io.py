@@ -130,29 +130,95 @@ def find_checkpoint(load_dir: str | Path) -> McoreCheckpoint:
     return ckpt
 
 
+class Opaque:
+    """Stands in for a class or function named in a checkpoint's pickled metadata (Megatron
+    enums, activation functions in `args`). Its own code is never imported or run: pickle
+    calls this placeholder instead, which only records the arguments."""
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["args"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualname}{self.__dict__.get('args', ())}>"
+
+
+def _safe_names() -> set[str]:
+    names = set()
+    for g in SAFE_GLOBALS:
+        obj, name = g if isinstance(g, tuple) else (g, None)
+        names.add(name or f"{obj.__module__}.{obj.__qualname__}")
+    return names
+
+
 def load_file(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
-    """torch.load with weights_only; unsafe unpickling only when explicitly allowed."""
+    """torch.load with weights_only. Globals outside the allow-list (in Megatron's `args`) are
+    read as inert :class:`Opaque` placeholders; they must not stand where tensors are.
+    Unsafe unpickling only when explicitly allowed."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        if not allow_unsafe_pickle:
-            try:
-                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # the listing itself is best effort
-                names = []
-            listed = f" (it references {', '.join(names)})" if names else ""
-            raise CheckpointError(
-                f"{path} cannot be loaded with torch.load(weights_only=True){listed}. "
-                "Unpickling it can run arbitrary code; if you trust this file, pass "
-                f"--allow-unsafe-pickle. Detail: {str(e).splitlines()[0]}"
-            ) from None
-        log.warning("%s: loading with weights_only=False (--allow-unsafe-pickle)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if allow_unsafe_pickle:
+            log.warning("%s: loading with weights_only=False (--allow-unsafe-pickle)", path)
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        else:
+            obj = _load_with_placeholders(path, e)
     except (RuntimeError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
     if not isinstance(obj, dict) or not any(k == "model" or k.startswith("model") for k in obj):
         raise CheckpointError(f"{path}: no 'model' entry; not a Megatron model_optim_rng.pt")
+    return obj
+
+
+def _refuse(path: Path, names: list[str], detail: str) -> CheckpointError:
+    listed = f" (it references {', '.join(names)})" if names else ""
+    return CheckpointError(
+        f"{path} cannot be loaded with torch.load(weights_only=True){listed}: {detail}. "
+        "Unpickling it can run arbitrary code; if you trust this file, pass "
+        "--allow-unsafe-pickle"
+    )
+
+
+def _load_with_placeholders(path: Path, first_error: Exception) -> dict[str, Any]:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # the listing itself is best effort
+        names = []
+    detail = str(first_error).splitlines()[0]
+    safe = _safe_names()
+    unknown = [n for n in names if n not in safe]
+    if not unknown:
+        raise _refuse(path, names, detail)
+    stubs = [(type(n.rsplit(".", 1)[-1], (Opaque,), {"qualname": n}), n) for n in unknown]
+    try:
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *stubs]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise _refuse(path, names, str(e).splitlines()[0]) from None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == "model" or (key.startswith("model") and key[5:].isdigit()):
+                if not isinstance(value, dict):
+                    raise _refuse(path, unknown, f"'{key}' is a {type(value).__name__}")
+                bad = [k for k, v in value.items() if not (v is None or torch.is_tensor(v)
+                       or k.endswith("._extra_state"))]  # fmt: skip
+                if bad:
+                    raise _refuse(path, unknown, f"non-tensor entries in '{key}': {bad[:4]}")
+    log.warning(
+        "%s: read %s as opaque placeholders (metadata only; their code was not run)",
+        path,
+        ", ".join(unknown),
+    )
     return obj
 
 
