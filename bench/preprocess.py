@@ -6,8 +6,10 @@ tatsu-lab/alpaca: short instructions, 40% with an input, answers with a long tai
 
 - tunelab preprocess, non-pack and --pack (the CLI as a user runs it);
 - `datasets.load_dataset("json") + .map(batched=True, num_proc=2)` rendering the same ChatML
-  prompt and tokenizing prompts and answers with the batched fast tokenizer, building labels
-  (what LLaMA-Factory's preprocessing does), in a script of its own.
+  prompt and tokenizing prompts and answers with one batched fast-tokenizer call per batch,
+  building labels, in a script of its own (`hf_datasets_map`, the strongest form);
+- the same map as LLaMA-Factory runs it, encoding each template element of each row with its
+  own fast-tokenizer ``encode`` call (`hf_datasets_map_lf_style`).
 
 Each is a separate process timed wall-clock from start to exit (imports and tokenizer loading
 included on both sides). The three run interleaved ``--repeats`` times and the best time of
@@ -171,7 +173,34 @@ def _hf_map_fn(tokenizer):
     return fn
 
 
-def hf_job(data: Path, tok: Path, cache: Path, workers: int, result: Path) -> None:
+def _lf_map_fn(tokenizer):
+    """LLaMA-Factory's way inside the batched map: each template element of each row is
+    encoded with its own ``tokenizer.encode`` call (its ``_convert_elements_to_ids``)."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def enc(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def fn(batch):
+        input_ids, labels = [], []
+        for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"]):
+            user = ins + ("\n" + inp if inp else "")
+            src = enc(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n") + enc(
+                f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+            )
+            tgt = enc(out) + [im_end]
+            input_ids.append(src + tgt)
+            labels.append([-100] * len(src) + tgt)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": [[1] * len(x) for x in input_ids],
+        }
+
+    return fn
+
+
+def hf_job(data: Path, tok: Path, cache: Path, workers: int, result: Path, style: str) -> None:
     """The baseline script: run in its own process by ``time_hf``."""
     import datasets
     from transformers import AutoTokenizer
@@ -180,7 +209,7 @@ def hf_job(data: Path, tok: Path, cache: Path, workers: int, result: Path) -> No
     tokenizer = AutoTokenizer.from_pretrained(str(tok))
     ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
     out = ds.map(
-        _hf_map_fn(tokenizer),
+        (_hf_map_fn if style == "batched" else _lf_map_fn)(tokenizer),
         batched=True,
         batch_size=1000,
         num_proc=workers,
@@ -191,7 +220,7 @@ def hf_job(data: Path, tok: Path, cache: Path, workers: int, result: Path) -> No
     result.write_text(json.dumps({"rows": len(out), "tokens": tokens}))
 
 
-def time_hf(data: Path, tok: Path, cache: Path, workers: int) -> dict:
+def time_hf(data: Path, tok: Path, cache: Path, workers: int, style: str) -> dict:
     result = cache / "result.json"
     cache.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -203,6 +232,7 @@ def time_hf(data: Path, tok: Path, cache: Path, workers: int) -> dict:
         str(cache),
         str(workers),
         str(result),
+        style,
     ]
     seconds, cpu = _timed(cmd)
     return {"seconds": seconds, "cpu_seconds": cpu, **json.loads(result.read_text())}
@@ -210,8 +240,8 @@ def time_hf(data: Path, tok: Path, cache: Path, workers: int) -> dict:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--hf-job":
-        d, t, c, w, r = sys.argv[2:7]
-        hf_job(Path(d), Path(t), Path(c), int(w), Path(r))
+        d, t, c, w, r, style = sys.argv[2:8]
+        hf_job(Path(d), Path(t), Path(c), int(w), Path(r), style)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=52_000)
@@ -229,7 +259,10 @@ def main() -> int:
     if not (tok / "tokenizer.json").exists():
         build_tokenizer(tok, rows)
     jobs = {
-        "hf_datasets_map": lambda: time_hf(data, tok, work / "hf_cache", args.workers),
+        "hf_datasets_map": lambda: time_hf(data, tok, work / "hf_cache", args.workers, "batched"),
+        "hf_datasets_map_lf_style": lambda: time_hf(
+            data, tok, work / "hf_cache", args.workers, "per_element"
+        ),
         "tunelab_nonpack": lambda: time_tunelab(
             data, tok, work / "out" / "np", args.workers, False
         ),
@@ -249,14 +282,15 @@ def main() -> int:
             json.dumps({"name": name, "workers": args.workers, "best_of": args.repeats, **r}),
             flush=True,
         )
-    hf = results["hf_datasets_map"]
-    ratio = {"name": "ratio_vs_hf_datasets_map"}
-    for name in ("tunelab_nonpack", "tunelab_pack"):
-        ratio[name] = round(results[name]["rows_per_s"] / hf["rows_per_s"], 2)
-        ratio[name + "_cpu"] = round(hf["cpu_seconds"] / results[name]["cpu_seconds"], 2)
-    ratio["cpu_count"] = os.cpu_count()
-    ratio["load_avg_1min"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(ratio))
+    for base in ("hf_datasets_map", "hf_datasets_map_lf_style"):
+        hf = results[base]
+        ratio = {"name": f"ratio_vs_{base}"}
+        for name in ("tunelab_nonpack", "tunelab_pack"):
+            ratio[name] = round(results[name]["rows_per_s"] / hf["rows_per_s"], 2)
+            ratio[name + "_cpu"] = round(hf["cpu_seconds"] / results[name]["cpu_seconds"], 2)
+        ratio["cpu_count"] = os.cpu_count()
+        ratio["load_avg_1min"] = round(os.getloadavg()[0], 2)
+        print(json.dumps(ratio))
     return 0
 
 
