@@ -170,3 +170,72 @@ def test_boolq_matches_lm_eval(lmeval_run, tunelab_scorer, shots):
     )
     run = lmeval_run["runs"][shots]
     _compare("tl_boolq", run["samples"]["tl_boolq"], run["results"]["tl_boolq"]["acc,none"], res)
+
+
+_GSM8K_YAML = """
+task: tl_gsm8k
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/test.jsonl
+    train: {data}/train.jsonl
+  cache_dir: {cache}
+test_split: test
+fewshot_split: train
+fewshot_config:
+  sampler: first_n
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["Question:", "\\n\\n"]
+  do_sample: false
+  max_gen_toks: 12
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_gsm8k_generation_matches_lm_eval(tmp_path, tiny_hf_dir):
+    """Generation mode: same prompts and the same greedy continuations as lm-eval's HFLM."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from tests.helpers.eval import write_gsm8k
+    from tunelab.eval.harness import EvalSettings, LMScorer, evaluate
+    from tunelab.eval.tasks import get_task
+    from tunelab.infer.engine import Engine
+
+    gsm = write_gsm8k(tmp_path / "gsm8k")
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / "gsm8k.yaml").write_text(
+        _GSM8K_YAML.format(data=gsm, cache=tmp_path / "cache")
+    )
+    lm = HFLM(
+        pretrained=str(tiny_hf_dir),
+        batch_size=1,
+        device="cpu",
+        dtype="float32",
+        max_length=MAX_LENGTH,
+    )
+    run = evaluator.simple_evaluate(
+        model=lm,
+        tasks=["tl_gsm8k"],
+        task_manager=TaskManager(include_path=str(tmp_path / "yaml")),
+        num_fewshot=2,
+        log_samples=True,
+    )
+    samples = sorted(run["samples"]["tl_gsm8k"], key=lambda s: s["doc_id"])
+
+    task = get_task("gsm8k")
+    engine = Engine.from_pretrained(tiny_hf_dir, dtype="float32", device="cpu")
+    scorer = LMScorer.from_engine(engine, MAX_LENGTH)
+    res = evaluate(
+        task, task.load(gsm, 2), scorer, EvalSettings("generate", 2, 2, 12), progress=False
+    )
+    assert len(samples) == len(res.questions) == 2
+    for sample, q in zip(samples, res.questions):
+        assert sample["arguments"][0][0] == q.prompt
+        assert sample["resps"][0][0] == q.generated
+    assert any(len(q.generated) > 3 for q in res.questions)  # real continuations, not empty

@@ -182,20 +182,8 @@ def _engine(args):
 
 def _scorer(engine, args):
     from tunelab.eval.harness import LMScorer
-    from tunelab.infer.sampling import GenerationConfig
 
-    def generate(prompts: list[list[int]], max_new: int, stop: tuple[str, ...]) -> list[list[int]]:
-        return engine.generate(
-            prompts, GenerationConfig(max_new_tokens=max_new, temperature=0.0, stop=stop)
-        )
-
-    return LMScorer(
-        engine.tokenizer,
-        forward=lambda ids, pos: engine.model(ids, pos),
-        generate=generate,
-        max_length=args.max_length or engine.context_len,
-        device=engine.device,
-    )
+    return LMScorer.from_engine(engine, args.max_length)
 
 
 def _perplexity(args) -> int:

@@ -82,6 +82,23 @@ class LMScorer:
         self.device = torch.device(device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    @classmethod
+    def from_engine(cls, engine, max_length: int | None = None) -> LMScorer:
+        """Score with a `tunelab.infer.engine.Engine`: its model's forward, its greedy decoding."""
+        from tunelab.infer.sampling import GenerationConfig
+
+        def generate(prompts: list[list[int]], max_new: int, stop: tuple[str, ...]):
+            config = GenerationConfig(max_new_tokens=max_new, temperature=0.0, stop=stop)
+            return engine.generate(prompts, config)
+
+        return cls(
+            engine.tokenizer,
+            forward=lambda ids, pos: engine.model(ids, pos),
+            generate=generate,
+            max_length=max_length or engine.context_len,
+            device=engine.device,
+        )
+
     # -- tokenization (lm-eval's HFLM rules) --------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
