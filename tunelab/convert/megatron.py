@@ -211,15 +211,29 @@ def _hf_layer_keys(dims: L.ModelDims, i: int) -> set[str]:
     return {f"model.layers.{i}.{k}" for k in keys}
 
 
-def iter_hf_source(load_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    from tunelab.model.hf import iter_hf_tensors
+def _model_order(name: str) -> tuple[int, str]:
+    m = _HF_LAYER.match(name)
+    if m:
+        return int(m[1]), name
+    return (-1, name) if name == L.EMBED_HF else (1 << 30, name)
 
-    for name, t in iter_hf_tensors(load_dir):
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if name == L.HEAD_HF and cfg.tie_word_embeddings:
-            continue  # tied: the embedding is the head (HF may or may not store a copy)
-        yield name, t
+
+def iter_hf_source(load_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors one at a time, each file read in model order (embedding, layers 0..L-1,
+    norm, head) rather than safetensors' lexicographic order (layer 10 before layer 2), so
+    pipeline stages complete, and are written and freed, as early as possible."""
+    from safetensors import safe_open
+
+    from tunelab.model.hf import _weight_files  # resolves single file / index + shards
+
+    for path in _weight_files(Path(load_dir)):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in sorted(f.keys(), key=_model_order):
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if name == L.HEAD_HF and cfg.tie_word_embeddings:
+                    continue  # tied: the embedding is the head (HF may or may not store a copy)
+                yield name, f.get_tensor(name)
 
 
 class McoreReader:
