@@ -218,3 +218,45 @@ def test_base_plus_adapter_equals_merged(tiny_hf_dir, files, adapter_and_merged,
             x["choice_logprobs"] != pytest.approx(z["choice_logprobs"], abs=1e-3)
             for x, z in zip(qa, qb)
         )
+
+
+@pytest.mark.parametrize("fmt", [["--prompt-type", "qwen"], ["--hf-chat-template"]])
+def test_templated_prompts_score_the_reply(tiny_hf_dir, files, tmp_path, fmt):
+    """With a template, each choice is scored as the start of the assistant reply after the
+    ids `render_generation_prompt` gives for the prompt as one user turn (transformers oracle)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.data.templates import render_generation_prompt
+
+    out = tmp_path / "t.json"
+    assert (
+        _run(
+            "--model",
+            tiny_hf_dir,
+            "--task",
+            "boolq",
+            "--data-dir",
+            files["boolq"],
+            "--limit",
+            2,
+            "--output",
+            out,
+            *fmt,
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    tok = AutoTokenizer.from_pretrained(str(tiny_hf_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_hf_dir), dtype=torch.float32).eval()
+    kwargs = {"prompt_type": "qwen"} if fmt[0] == "--prompt-type" else {"hf_chat_template": True}
+    for q in res["questions"]:
+        ctx = render_generation_prompt(tok, [{"role": "user", "content": q["prompt"]}], **kwargs)
+        expected = []
+        for choice in ("no", "yes"):
+            cont = tok.encode(choice, add_special_tokens=False)
+            with torch.no_grad():
+                logits = hf(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1]
+            lp = torch.log_softmax(logits.float(), -1)
+            expected.append(float(lp[torch.arange(len(cont)), cont].sum()))
+        assert q["choice_logprobs"] == pytest.approx(expected, abs=1e-4)
