@@ -92,9 +92,12 @@ def check_lora_layout(model, dims: ParallelDims) -> None:
 
 
 def check_vocab_parallel(model) -> None:
-    """Embedding and lm_head hold V / tp rows each (tied: still one parameter)."""
+    """Embedding and lm_head hold V / tp rows each (tied: still one parameter); every
+    parameter is a DTensor (foreach / fused optimizers refuse a mix with plain tensors)."""
     from torch.distributed.tensor import DTensor, Shard
 
+    plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    assert not plain, plain
     for w in (model.model.embed_tokens.weight, model.lm_head.weight):
         assert isinstance(w, DTensor)
         assert w.placements[w.device_mesh.mesh_dim_names.index("tp")] == Shard(0)

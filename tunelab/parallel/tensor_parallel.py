@@ -66,6 +66,35 @@ def _lora_styles():
     return LoraColwiseParallel, LoraRowwiseParallel
 
 
+def _replicated_style():
+    """A style for a module that runs whole on every tp rank (a norm outside the sequence-
+    parallel region): its parameters become replicated DTensors, so that every parameter of
+    a tp-parallel model is a DTensor (foreach / fused optimizers refuse a mix), and its
+    plain full-tensor input and output stay plain."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class ReplicateParallel(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh) -> nn.Module:
+            def partition(name, mod, mesh):
+                for pname, p in list(mod.named_parameters(recurse=False)):
+                    dp = DTensor.from_local(p, mesh, [Replicate()], run_check=False)
+                    mod.register_parameter(pname, nn.Parameter(dp, requires_grad=p.requires_grad))
+
+            def inputs(mod, args, mesh):
+                x, *rest = args
+                if not isinstance(x, DTensor):
+                    x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                return (x, *rest)
+
+            def outputs(mod, out, mesh):
+                return out.to_local() if isinstance(out, DTensor) else out
+
+            return distribute_module(module, mesh, partition, inputs, outputs)
+
+    return ReplicateParallel
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True) -> None:
     """Shard ``model`` (a Transformer or a pipeline stage of one) over the 1-D ``tp_mesh``."""
     from torch.distributed.tensor import Replicate, Shard
@@ -107,6 +136,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
             # Re-tie: the embedding's weight is now a vocabulary-sharded DTensor, lm_head's too.
             model.lm_head.weight = body.embed_tokens.weight
         shard_lm_head(model.lm_head, tp_mesh)
+
+    replicated = _replicated_style()
+    if body.norm is not None:
+        # Whole sequence (the last block gathers it): the loss needs every position.
+        parallelize_module(body.norm, tp_mesh, replicated())
 
     blocks = list(body.layers.values())
     if sequence_parallel and blocks:
@@ -155,6 +189,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool 
         if sequence_parallel:
             plan["input_layernorm"] = SequenceParallel(use_local_output=True)
             plan["post_attention_layernorm"] = SequenceParallel(use_local_output=True)
+        else:
+            plan["input_layernorm"] = replicated()
+            plan["post_attention_layernorm"] = replicated()
         if block.self_attn.q_norm is not None:
             # [b, s, local heads, head_dim]: sharded along heads (dim 2).
             plan["self_attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
