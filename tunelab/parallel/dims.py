@@ -170,6 +170,7 @@ class ParallelDims:
             num_kv_heads=model_cfg.num_key_value_heads,
             hidden_size=model_cfg.hidden_size,
             intermediate_size=model_cfg.intermediate_size,
+            vocab_size=model_cfg.vocab_size,  # embedding and lm_head are vocabulary-parallel
             num_layer_list=cfg_get(parallel_cfg, "num_layer_list", None),
             virtual_stages=int(cfg_get(parallel_cfg, "virtual_stages", 1)),
         )
