@@ -38,10 +38,13 @@ def _greedy(model, ids, mask, new_tokens):
     return torch.stack(out, dim=1)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3", "qwen3"])
-def test_left_padded_greedy_equals_transformers_generate(family, tmp_path):
-    d = save_tiny_hf_model(tmp_path / family, family)
-    ours, hf = load_model(d), tiny_hf_model(family)
+@pytest.mark.parametrize(
+    "family, overrides",
+    [("qwen2", {}), ("llama3", {}), ("qwen3", {}), ("mistral", {"sliding_window": 6})],
+)
+def test_left_padded_greedy_equals_transformers_generate(family, overrides, tmp_path):
+    d = save_tiny_hf_model(tmp_path / family, family, **overrides)
+    ours, hf = load_model(d), tiny_hf_model(family, **overrides)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 11, 1, 8)]
     ids, mask = _left_pad(prompts)

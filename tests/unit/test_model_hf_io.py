@@ -92,11 +92,14 @@ def test_unsupported_configs_are_errors():
         ModelConfig.from_hf(
             dict(raw, rope_scaling={"type": "yarn", "factor": 4.0}, rope_parameters=None)
         )
-    with pytest.raises(ConfigError, match="sliding"):
-        ModelConfig.from_hf(dict(raw, use_sliding_window=True, sliding_window=16))
-    with pytest.raises(ConfigError, match="sliding"):
-        ModelConfig.from_hf(
-            dict(raw, model_type="mistral", sliding_window=16, max_position_embeddings=64)
-        )
+    raw.pop("layer_types")
+    mixed = dict(raw, num_hidden_layers=2, use_sliding_window=True, sliding_window=16)
+    with pytest.raises(ConfigError, match="only some layers"):
+        ModelConfig.from_hf(dict(mixed, max_window_layers=1))
+    assert ModelConfig.from_hf(dict(mixed, max_window_layers=0)).sliding_window == 16
+    assert ModelConfig.from_hf(dict(mixed, max_window_layers=2)).sliding_window is None
+    mistral = dict(raw, model_type="mistral", max_position_embeddings=64)
+    assert ModelConfig.from_hf(dict(mistral, sliding_window=16)).sliding_window == 16
+    assert ModelConfig.from_hf(dict(mistral, sliding_window=64)).sliding_window is None
     with pytest.raises(ConfigError, match="hidden_act"):
         ModelConfig.from_hf(dict(raw, hidden_act="gelu"))

@@ -69,3 +69,32 @@ def test_packed_loss_ignores_cross_document_targets(family_dirs):
             total, count, start = total + s, count + int(c), start + m
     assert int(n) == count == 32 - 3
     torch.testing.assert_close(loss_sum, torch.as_tensor(total), rtol=1e-5, atol=1e-4)
+
+
+SLIDING = {
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+}
+
+
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_matches_transformers(family, tmp_path):
+    d = save_tiny_hf_model(tmp_path / family, family, **SLIDING[family])
+    hf, ours = tiny_hf_model(family, **SLIDING[family]), load_model(d)
+    assert ours.config.sliding_window == 8
+    ids = random_ids(2, 40, seed=4)
+    pos = packed_position_ids([[12, 28], [40]])
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits
+        ref_packed = hf(ids, position_ids=pos, use_cache=False).logits
+        logits, packed = ours(ids), ours(ids, pos)
+        windowed = ours.config
+        ours.config = windowed.replace(sliding_window=None)
+        unwindowed = ours(ids)
+        ours.config = windowed
+        ours.set_attn_backend("flex")
+        flex = ours(ids, pos)
+    assert (ref - logits).abs().max().item() <= 1e-4
+    assert (ref_packed - packed).abs().max().item() <= 1e-4
+    assert (unwindowed - logits).abs().max().item() > 1e-3  # the window really binds
+    assert (flex - packed).abs().max().item() <= 1e-5

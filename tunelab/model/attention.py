@@ -67,20 +67,32 @@ class AttentionMask:
 
 
 def build_attention_mask(
-    backend: str, position_ids: torch.Tensor | None, batch: int, seq_len: int, device
+    backend: str,
+    position_ids: torch.Tensor | None,
+    batch: int,
+    seq_len: int,
+    device,
+    window: int | None = None,
 ) -> AttentionMask:
-    """Mask for a training / prefill forward without KV cache."""
+    """Mask for a training / prefill forward without KV cache. ``window``: sliding window
+    (a query sees at most ``window`` keys, itself included), None for full causal attention."""
+    if window is not None and window >= seq_len:
+        window = None  # cannot bind: keep the cheaper full-causal paths
     if backend == "sdpa":
-        if position_ids is None:
+        if position_ids is None and window is None:
             return AttentionMask("sdpa", causal=True)
+        idx = torch.arange(seq_len, device=device)
+        allowed = idx[None, :] <= idx[:, None]
+        if window is not None:
+            allowed = allowed & (idx[:, None] - idx[None, :] < window)
+        if position_ids is None:
+            return AttentionMask("sdpa", dense=allowed[None, None])
         doc = document_ids(position_ids)
         same = doc[:, :, None] == doc[:, None, :]
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-        return AttentionMask("sdpa", dense=(same & causal)[:, None])
+        return AttentionMask("sdpa", dense=(same & allowed)[:, None])
     if backend == "flex":
-        return AttentionMask(
-            "flex", block_mask=_flex_block_mask(position_ids, batch, seq_len, device)
-        )
+        block_mask = _flex_block_mask(position_ids, batch, seq_len, device, window)
+        return AttentionMask("flex", block_mask=block_mask)
     if backend == "flash":
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
@@ -90,7 +102,7 @@ def build_attention_mask(
         total = torch.tensor([batch * seq_len], dtype=torch.int32, device=device)
         cu = torch.cat([idx, total])
         max_len = int((cu[1:] - cu[:-1]).max().item())
-        return AttentionMask("flash", cu_seqlens=cu, max_seqlen=max_len)
+        return AttentionMask("flash", cu_seqlens=cu, max_seqlen=max_len, window=window)
     raise ConfigError(f"unknown attention backend {backend!r}")
 
 
@@ -109,18 +121,19 @@ def _create_block_mask(*args, device):
     return _compiled_block_mask(*args, device=device)
 
 
-def _flex_block_mask(position_ids, batch: int, seq_len: int, device):
+def _flex_block_mask(position_ids, batch: int, seq_len: int, device, window: int | None = None):
+    w = seq_len if window is None else window
 
     if position_ids is None:
 
         def mask_mod(b, h, q, k):
-            return q >= k
+            return (q >= k) & (q - k < w)
 
         return _create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
     doc = document_ids(position_ids)
 
     def doc_mask_mod(b, h, q, k):
-        return (q >= k) & (doc[b, q] == doc[b, k])
+        return (q >= k) & (q - k < w) & (doc[b, q] == doc[b, k])
 
     return _create_block_mask(doc_mask_mod, batch, None, seq_len, seq_len, device=device)
 
@@ -169,6 +182,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         out = flash_attn_varlen_func(
             qf, kf, vf, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
             causal=True,
+            window_size=(-1, -1) if mask.window is None else (mask.window - 1, 0),
         )  # fmt: skip
         return out.reshape(b, s, h, d).transpose(1, 2)
     raise ConfigError(f"unknown attention backend {mask.backend!r}")

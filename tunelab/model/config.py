@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,9 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     hidden_act: str = "silu"
+    # Sliding-window attention (same window in every layer): a query sees at most this many
+    # keys, itself included. None = full causal attention.
+    sliding_window: int | None = None
     initializer_range: float = 0.02
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
@@ -122,7 +124,7 @@ class ModelConfig:
         kv_heads = int(raw.get("num_key_value_heads") or heads)
         head_dim = raw.get("head_dim") or hidden // heads
         rope_theta, rope_scaling = _parse_rope(raw, where)
-        _check_sliding_window(raw, mt, where)
+        sliding_window = _parse_sliding_window(raw, mt, where)
         if float(raw.get("attention_dropout") or 0.0) != 0.0:
             raise ConfigError(
                 f"{where}: attention_dropout={raw['attention_dropout']} is not supported; "
@@ -158,6 +160,7 @@ class ModelConfig:
             mlp_bias=mlp_bias,
             qk_norm=qk_norm,
             hidden_act=str(raw.get("hidden_act", "silu")),
+            sliding_window=sliding_window,
             initializer_range=float(raw.get("initializer_range", 0.02)),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
@@ -186,6 +189,10 @@ class ModelConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim"):  # fmt: skip
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sliding_window is not None and int(self.sliding_window) <= 0:
+            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.sliding_window is not None and self.model_type in ("llama",):
+            raise ConfigError("sliding_window is not part of the llama architecture")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
@@ -233,11 +240,15 @@ class ModelConfig:
         if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
         if self.model_type in ("qwen2", "qwen3"):
-            out.setdefault("use_sliding_window", False)
-            if out.get("layer_types") is not None:
-                out["layer_types"] = ["full_attention"] * self.num_hidden_layers
+            sliding = self.sliding_window is not None
+            out["use_sliding_window"] = sliding
+            if sliding:
+                out["sliding_window"] = self.sliding_window
+                out["max_window_layers"] = 0  # every layer slides
+            kind = "sliding_attention" if sliding else "full_attention"
+            out["layer_types"] = [kind] * self.num_hidden_layers
         if self.model_type == "mistral":
-            out["sliding_window"] = None
+            out["sliding_window"] = self.sliding_window
         # Both spellings of rope settings: the legacy keys are read by every transformers
         # version (and vLLM); transformers 5 writes ``rope_parameters``.
         scaling = copy.deepcopy(self.rope_scaling)
@@ -354,19 +365,36 @@ def _parse_rope(raw: dict, where: str) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def _check_sliding_window(raw: dict, model_type: str, where: str) -> None:
+def _parse_sliding_window(raw: dict, model_type: str, where: str) -> int | None:
+    """The window (one for all layers) or None. Per-layer mixes are refused."""
+    if model_type == "llama":
+        return None
     sw = raw.get("sliding_window")
+    layer_types = raw.get("layer_types")
     if model_type in ("qwen2", "qwen3"):
-        in_use = bool(raw.get("use_sliding_window", False))
-        layer_types = raw.get("layer_types") or []
-        in_use = in_use or any(t != "full_attention" for t in layer_types)
-    else:
-        max_pos = raw.get("max_position_embeddings") or math.inf
-        in_use = sw is not None and int(sw) < max_pos
-    if in_use:
+        if not raw.get("use_sliding_window", False):
+            sw = None
+        if layer_types is None:
+            first = int(raw.get("max_window_layers") or 0)
+            n = int(raw.get("num_hidden_layers") or 0)
+            layer_types = [
+                "sliding_attention" if sw is not None and i >= first else "full_attention"
+                for i in range(n)
+            ]
+    elif layer_types is None:
+        layer_types = ["sliding_attention" if sw is not None else "full_attention"]
+    kinds = set(layer_types)
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise ConfigError(f"{where}: unsupported layer_types {sorted(kinds)}")
+    if kinds == {"full_attention", "sliding_attention"}:
         raise ConfigError(
-            f"{where}: sliding-window attention (sliding_window={sw}) is not supported; "
-            "tunelab implements full causal attention only. Use a checkpoint without a "
-            "sliding window (e.g. Mistral v0.2+) or set use_sliding_window=false / "
-            "sliding_window=null if the model was trained without it"
+            f"{where}: sliding-window attention in only some layers (layer_types / "
+            "max_window_layers) is not supported; tunelab supports one sliding window for all "
+            "layers or none"
         )
+    if kinds == {"full_attention"} or sw is None:
+        return None
+    max_pos = raw.get("max_position_embeddings")
+    if max_pos is not None and int(sw) >= int(max_pos):
+        return None  # the window never binds within the supported context
+    return int(sw)

@@ -22,7 +22,10 @@ Fields:
   True everywhere after construction; the engine marks padding slots False (directly or with
   :meth:`set_prompt_padding`). Slots written by decode steps stay True.
 
-A query in slot ``i`` attends to slot ``j`` when ``j <= i`` and ``key_padding_mask[b, j]``.
+A query in slot ``i`` attends to slot ``j`` when ``j <= i`` and ``key_padding_mask[b, j]``
+(and ``i - j < cfg.sliding_window`` for sliding-window models whose cache is longer than the
+window: the model then calls ``attention_mask(n_new, window=...)``, so a subclass that
+overrides ``attention_mask`` must accept ``window``).
 ``position_ids`` only drive the rotary embedding (no document masking with a cache); pass the
 per-row positions (for left padding: ``cumsum(mask) - 1``), or None for ``seq_len + arange``
 (correct when there is no padding). Exceeding ``max_seq_len`` raises ``ValueError``.
@@ -94,14 +97,18 @@ class KVCache:
         pos = torch.arange(self.seq_len, self.seq_len + n_new, device=self.device)
         return pos.expand(batch, n_new)
 
-    def attention_mask(self, n_new: int) -> AttentionMask:
-        """Dense SDPA mask [B, 1, n_new, seq_len + n_new] for the next forward."""
+    def attention_mask(self, n_new: int, window: int | None = None) -> AttentionMask:
+        """Dense SDPA mask [B, 1, n_new, seq_len + n_new] for the next forward. ``window``
+        (sliding-window models; the model passes it only when the cache is longer than the
+        window): a query in slot i also needs ``i - j < window``."""
         start, end = self.seq_len, self.seq_len + n_new
         if end > self.max_seq_len:
             raise ValueError(f"KV cache full: {end} tokens exceed max_seq_len {self.max_seq_len}")
         q_slot = torch.arange(start, end, device=self.device)[:, None]
         k_slot = torch.arange(end, device=self.device)[None, :]
         allowed = (k_slot <= q_slot)[None] & self.key_padding_mask[:, None, :end]
+        if window is not None:
+            allowed = allowed & (q_slot - k_slot < window)[None]
         # A padding query sees only itself, so its (ignored) row never becomes all -inf / NaN.
         allowed = allowed | (k_slot == q_slot)[None]
         return AttentionMask("sdpa", dense=allowed[:, None])

@@ -240,9 +240,15 @@ class Transformer(nn.Module):
         if cache is not None:
             if position_ids is None:
                 position_ids = cache.default_position_ids(b, s)
-            mask = cache.attention_mask(s)
+            window = self.config.sliding_window
+            if window is not None and cache.max_seq_len > window:
+                mask = cache.attention_mask(s, window=window)
+            else:
+                mask = cache.attention_mask(s)
         else:
-            mask = build_attention_mask(self.attn_backend, position_ids, b, s, h.device)
+            mask = build_attention_mask(
+                self.attn_backend, position_ids, b, s, h.device, self.config.sliding_window
+            )
             if position_ids is None:
                 position_ids = torch.arange(s, device=h.device).expand(b, s)
         cos, sin = rope_cos_sin(self.config, position_ids, h.dtype)
