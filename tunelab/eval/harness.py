@@ -63,8 +63,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 class LMScorer:
     """`Scorer` over a tokenizer, a forward function and (for generation) a generate function.
 
-    One `loglikelihood` call is one forward pass over all its requests, right-padded; the
-    harness passes one batch of questions with all their choices per call.
+    One `loglikelihood` call is one forward pass over all its requests, right-padded (requests
+    with identical inputs share a row); the harness passes one batch of questions with all
+    their choices per call.
     """
 
     def __init__(
@@ -135,12 +136,21 @@ class LMScorer:
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         if not requests:
             return []
-        rows, conts = [], []
+        # Requests with the same model input share one row: e.g. the one-token choices " A".." D"
+        # of a question all read their log-prob from the forward pass over the question alone.
+        rows: list[list[int]] = []
+        row_of: dict[tuple[int, ...], int] = {}
+        which, conts = [], []
         for req in requests:
             ctx, cont = self.encode_pair(req)
             if not cont:
                 raise ValueError(f"continuation {req.continuation!r} encodes to no tokens")
-            rows.append((ctx + cont)[-(self.max_length + 1) :][:-1])
+            row = (ctx + cont)[-(self.max_length + 1) :][:-1]
+            key = tuple(row)
+            if key not in row_of:
+                row_of[key] = len(rows)
+                rows.append(row)
+            which.append(row_of[key])
             conts.append(cont)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -151,8 +161,8 @@ class LMScorer:
         logits = self.forward(ids.to(self.device), pos.to(self.device))  # [B, S, V]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         out = []
-        for i, (row, cont) in enumerate(zip(rows, conts)):
-            n = len(cont)
+        for i, cont in zip(which, conts):
+            row, n = rows[i], len(cont)
             lp = logprobs[i, len(row) - n : len(row)]  # [n, V]: predictions of the cont tokens
             target = torch.tensor(cont, device=lp.device)
             total = float(lp.gather(-1, target[:, None]).sum())
