@@ -111,3 +111,20 @@ def test_keep_last_and_explicit_resume(tmp_path, tiny_hf_dir, data):
         tmp_path, tiny_hf_dir, data, "--train.steps=4", f"--load={tmp_path}/checkpoints/step-3"
     )
     assert Trainer(again).step == 3
+
+
+def test_lora_checkpoints_only_adapters_and_resumes_exactly(tmp_path, tiny_hf_dir, data):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    args = (f"--train.steps={4}", "--lora.r=4", "--optim.lr=1e-2", "--save_interval=2")
+    ref = Trainer(run_config(tmp_path / "ref", tiny_hf_dir, data, *args)).train()
+    cfg = run_config(tmp_path / "run", tiny_hf_dir, data, *args[:-1], "--train.steps=2")
+    cfg.optim.decay_steps = 4
+    first = Trainer(cfg).train()
+    meta = FileSystemReader(str(tmp_path / "run/checkpoints/step-2")).read_metadata()
+    model_keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys), model_keys
+    res = Trainer(run_config(tmp_path / "run", tiny_hf_dir, data, *args)).train()
+    assert {**first.losses, **res.losses} == ref.losses
+    assert (tmp_path / "run/adapter/adapter_config.json").is_file()
+    assert not (tmp_path / "run/hf").exists()  # LoRA: hf/ only with checkpoint.export_hf
