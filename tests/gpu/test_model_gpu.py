@@ -56,10 +56,12 @@ def _fwd_bwd(model, ids, pos):
     return logits.float(), {k: p.grad.float().clone() for k, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("window", [None, 96])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_attention_backends_agree(dtype):
+def test_attention_backends_agree(dtype, window):
     cfg = ModelConfig.from_hf(dict(model_type="qwen3", vocab_size=512, num_hidden_layers=2,
                                    tie_word_embeddings=True, **GPU_SHAPES))  # fmt: skip
+    cfg = cfg.replace(sliding_window=window)
     model = build_from_scratch(cfg, seed=0, dtype=dtype, device=DEV)
     pos = packed_position_ids([[100, 300, 112], [512], [1, 255, 256], [64] * 8]).to(DEV)
     ids = torch.randint(
@@ -79,7 +81,9 @@ def test_attention_backends_agree(dtype):
         dl = (logits - ref_logits).abs().max().item()
         dg = max(((grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp_min(1e-8)).item()
                  for k in grads)  # fmt: skip
-        print(f"{dtype} {b} vs sdpa: max logit diff {dl:.3e}, max relative grad diff {dg:.3e}")
+        print(
+            f"{dtype} window={window} {b} vs sdpa: max logit diff {dl:.3e}, max relative grad diff {dg:.3e}"
+        )
         assert dl <= tol * 10
         assert dg <= (5e-2 if dtype == torch.bfloat16 else 1e-3)
     if not flash_available():

@@ -2,7 +2,7 @@
 
 Supported families (``model_type``): llama (Llama 2, Llama 3/3.1/3.2), qwen2 (Qwen2/Qwen2.5),
 qwen3 and mistral. Anything the decoder does not implement (another model_type, a rope scaling
-type, a sliding window that is actually in use, a non-SiLU activation, attention dropout) is a
+type, a sliding window in only some layers, a non-SiLU activation, attention dropout) is a
 ``ConfigError`` that lists what is supported: a config is never silently half-understood.
 """
 
