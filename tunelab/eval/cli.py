@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="questions per forward pass / prompts per generation batch (default 1)",
     )
-    p.add_argument("--max-new-tokens", type=int, help="generation length (default: per task)")
+    p.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="generation length (default: per task)"
+    )
     p.add_argument(
         "--max-length",
         type=int,
@@ -96,9 +98,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
+    for name in ("shots", "batch_size", "max_new_tokens", "limit", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "shots" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.task == "perplexity":
         if not args.data_path:
             raise ConfigError("--task perplexity needs --data-path PREFIX (a .bin/.idx dataset)")
+        unused = [
+            "data_dir",
+            "shots",
+            "scoring",
+            "max_new_tokens",
+            "prompt_type",
+            "hf_chat_template",
+            "allow_code_execution",
+        ]
+    else:
+        unused = ["data_path"] + ([] if args.task == "human_eval" else ["allow_code_execution"])
+    for name in unused:
+        if getattr(args, name):
+            log.warning("--%s has no effect with --task %s", name.replace("_", "-"), args.task)
+    if args.task == "perplexity":
         return
     if not args.data_dir:
         raise ConfigError(f"--task {args.task} needs --data-dir DIR (see docs/eval.md for layouts)")
@@ -110,10 +131,6 @@ def _check(args) -> None:
             )
         if args.scoring == "loglikelihood":
             raise ConfigError("human_eval is scored by running code: use --scoring generate")
-    for name in ("shots", "batch_size", "max_new_tokens", "limit", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "shots" else 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def main(args: argparse.Namespace) -> int:
