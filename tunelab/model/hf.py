@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from tunelab.errors import CheckpointError
 from tunelab.model.config import ModelConfig, normalize_dtype_name
@@ -75,9 +76,15 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no {SAFE_SINGLE} or {SAFE_INDEX} found")
 
 
-def iter_hf_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from every safetensors file of ``model_dir`` (one at a time)."""
-    for path in _weight_files(Path(model_dir)):
+def iter_hf_tensors(
+    model_dir: str | Path, progress: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from every safetensors file of ``model_dir`` (one at a time).
+    ``progress``: a tqdm bar over shard files (shown on a terminal only)."""
+    files = _weight_files(Path(model_dir))
+    if progress and len(files) > 1:
+        files = tqdm(files, desc="Loading shards", unit="file", disable=None)
+    for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
@@ -102,7 +109,7 @@ def load_weights(
     seen: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
-        for name, tensor in iter_hf_tensors(model_dir):
+        for name, tensor in iter_hf_tensors(model_dir, progress=True):
             if _IGNORED_KEYS.match(name):
                 continue
             if name == "lm_head.weight" and tied:
@@ -255,7 +262,8 @@ def save_hf(
         else:
             weight_map: dict[str, str] = {}
             total = 0
-            for i, shard in enumerate(shards, start=1):
+            bar = tqdm(shards, desc="Writing shards", unit="file", disable=None)
+            for i, shard in enumerate(bar, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, str(tmp / fname), metadata={"format": "pt"})
                 for name, t in shard.items():
