@@ -190,3 +190,15 @@ def test_bbh_and_agieval_bad_rows(tmp_path):
         f.write(json.dumps({"question": "q", "options": ["(A)1", "(B)2"], "label": "C"}) + "\n")
     with pytest.raises(DataError, match=r"sat-math\.jsonl:4: label 'C' is not among"):
         get_task("agieval").load(root, 0)
+
+
+def test_mmlu_chinese_prompt(tmp_path):
+    task = get_task("mmlu")
+    task.language = "zh"
+    subject = task.load(data.write_mmlu(tmp_path), 1)[1]
+    assert task.prompt(subject.docs[0], subject.shots) == (
+        "以下是中国关于high school physics考试的单项选择题，请选出其中的正确答案。\n\n"
+        "Dev question one?\nA. a1\nB. b1\nC. c1\nD. d1\n答案： B\n\n"
+        "What is the unit of force?\nA. newton\nB. joule\nC. watt\nD. pascal\n答案："
+    )
+    assert get_task("mmlu").language == "en"  # get_task gives a fresh instance

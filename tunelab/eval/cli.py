@@ -66,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="wrap each prompt with the tokenizer's chat template",
     )
     p.add_argument(
+        "--eval-language",
+        choices=["en", "zh"],
+        help="prompt language where a task has both (mmlu); default en",
+    )
+    p.add_argument(
         "--limit",
         "--max-eval-samples",
         type=int,
@@ -106,6 +111,7 @@ def _check(args) -> None:
         if not args.data_path:
             raise ConfigError("--task perplexity needs --data-path PREFIX (a .bin/.idx dataset)")
         unused = [
+            "eval_language",
             "data_dir",
             "shots",
             "scoring",
@@ -142,6 +148,13 @@ def main(args: argparse.Namespace) -> int:
     from tunelab.eval.tasks import get_task
 
     task = get_task(args.task)
+    if args.eval_language:
+        if args.eval_language not in task.languages:
+            log.warning(
+                "--eval-language %s has no effect with --task %s", args.eval_language, task.name
+            )
+        else:
+            task.language = args.eval_language
     shots = task.default_shots if args.shots is None else args.shots
     subjects = task.load(Path(args.data_dir), shots)  # malformed data fails before model load
     settings = EvalSettings(
@@ -172,6 +185,7 @@ def main(args: argparse.Namespace) -> int:
         "shots": shots,
         "max_new_tokens": settings.max_new_tokens,
         "max_length": scorer.max_length,
+        "language": task.language,
         "prompt_format": args.prompt_type
         or ("hf-chat-template" if args.hf_chat_template else "raw"),
         "seconds": round(time.time() - start, 3),

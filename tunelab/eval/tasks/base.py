@@ -49,6 +49,9 @@ class Task:
     stop: tuple[str, ...] = ()
     default_max_new_tokens: int = 32
     needs_code_execution: bool = False
+    # prompt languages this task can be asked in (--eval-language); the first is the default
+    languages: tuple[str, ...] = ("en",)
+    language: str = "en"
 
     def load(self, data_dir: Path, shots: int) -> list[Subject]:
         raise NotImplementedError
