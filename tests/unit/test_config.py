@@ -126,3 +126,17 @@ def test_yaml_round_trip(tmp_path):
     p = _write(tmp_path, cfg.to_yaml())
     again = load_config(p)
     assert again == cfg
+
+
+def test_docs_list_every_key_and_alias():
+    from pathlib import Path
+
+    from tunelab.config import ALIASES, SECTIONS, _fields
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    for section in SECTIONS:
+        assert f"### `{section}`" in text
+        for key in _fields(section):
+            assert f"| `{key}` |" in text, f"{section}.{key} missing from docs/config.md"
+    for alias in ALIASES:
+        assert f"`{alias}`" in text, alias
