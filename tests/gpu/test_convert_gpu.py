@@ -3,19 +3,14 @@ gives the logits transformers gives on the HF original, within bf16 tolerance.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.helpers.convert import megatron_logits, run_megatron
 from tests.helpers.tiny_models import save_tiny_hf_model, tiny_hf_model
 from tunelab.convert.megatron import ConvertOptions, convert
 
 pytest.importorskip("megatron.core")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.gpu
@@ -25,18 +20,15 @@ def test_megatron_core_bf16_on_gpu(family, tmp_path):
     hf = save_tiny_hf_model(tmp_path / "hf", family, seed=2, **overrides)
     convert(ConvertOptions("hf", "mg", hf, tmp_path / "tp2pp2", tp=2, pp=2, params_dtype="bf16",
                            progress=False))  # fmt: skip
-    mg = convert(ConvertOptions("mg", "mg", tmp_path / "tp2pp2", tmp_path / "mg", progress=False))
+    mg = convert(
+        ConvertOptions("mg", "mg", tmp_path / "tp2pp2", tmp_path / "mg", pp=2, progress=False)
+    )
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (2, 32))
     torch.save({"input_ids": ids, "jobs": [(str(mg), str(tmp_path / "out.pt"))], "device": "cuda"},
                tmp_path / "jobs.pt")  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.convert", str(tmp_path / "jobs.pt")],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    run_megatron(tmp_path / "jobs.pt", world_size=1)
+    got = megatron_logits(tmp_path / "out.pt", tp=1)
     model = tiny_hf_model(family, seed=2, **overrides).to("cuda", torch.bfloat16)
     with torch.no_grad():
         want = model(ids.cuda()).logits.float().cpu()

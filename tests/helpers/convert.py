@@ -1,11 +1,15 @@
 """Helpers for the convert tests: Megatron-core's own GPTModel as the oracle.
 
-`python -m tests.helpers.convert JOBS.pt` runs in a separate process (it initializes a gloo
-process group and Megatron's parallel state, which must not leak into the pytest process).
-JOBS.pt holds ``{"input_ids": LongTensor[B, S], "jobs": [(mg_dir, out_path), ...]}`` and
-optionally ``"device": "cuda"``; for each
-job it builds ``GPTModel`` with the local layer spec from the checkpoint's ``args``, loads the
-TP1 PP1 file with ``load_state_dict(strict=True)`` and saves the logits.
+`python -m tests.helpers.convert JOBS.pt` runs in separate processes (it initializes a process
+group and Megatron's parallel state, which must not leak into the pytest process); launch one
+process per tensor-parallel rank with RANK / WORLD_SIZE / MASTER_PORT set (see
+:func:`run_megatron`). JOBS.pt holds ``{"input_ids": LongTensor[B, S], "jobs": [(mg_dir,
+out_path), ...]}`` and optionally ``"device": "cuda"``. For each job every rank builds, per
+pipeline stage, a ``GPTModel`` (local spec, ``pre_process`` on the first stage,
+``post_process`` on the last) from the checkpoint's ``args``, loads its own file
+``mp_rank_{tp}[_{pp}]`` with ``load_state_dict(strict=True)``, runs the stages in sequence
+(``set_input_tensor``) and saves its vocab shard of the logits to ``{out_path}.tp{rank}``.
+Files are found by the layout rules, independently of tunelab's reader.
 
 On CPU, Megatron-core assumes CUDA in two places that do not matter for a forward; they are
 patched here, and only on CPU: the rotary ``inv_freq`` is moved to ``torch.cuda.current_device()``
@@ -24,23 +28,65 @@ from pathlib import Path
 import torch
 
 
-def _read_megatron_file(mg_dir: Path) -> dict:
-    """Read the single TP1 PP1 file by the layout rules (independent of tunelab's reader)."""
+def _stage_files(mg_dir: Path, tp_rank: int) -> list[Path]:
+    """This TP rank's files, one per pipeline stage, by the layout rules."""
     iteration = (mg_dir / "latest_checkpointed_iteration.txt").read_text().strip()
-    sub = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-    path = mg_dir / sub / "mp_rank_00" / "model_optim_rng.pt"
+    it = mg_dir / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+    single = it / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
+    if single.is_file():
+        return [single]
+    files = sorted(it.glob(f"mp_rank_{tp_rank:02d}_[0-9][0-9][0-9]/model_optim_rng.pt"))
+    assert files, f"no files for TP rank {tp_rank} in {it}"
+    return files
+
+
+def _read(path: Path) -> dict:
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _gpt_model(args, use_cpu_initialization: bool = True):
+def run_megatron(jobs_path: Path, world_size: int = 1, timeout: int = 600) -> None:
+    """Run :func:`main` in ``world_size`` processes (one per TP rank); raise on failure."""
+    import socket
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "PYTHONPATH": str(root), "RANK": str(rank),
+               "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.helpers.convert", str(jobs_path)],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        if p.returncode != 0:
+            raise RuntimeError(f"megatron rank {rank} failed ({p.returncode}):\n{out[-4000:]}")
+
+
+def gpt_model(
+    args, use_cpu_initialization=True, pre_process=True, post_process=True, num_layers=None
+):
+    """Megatron-core GPTModel (local spec) for a checkpoint's ``args``; ``num_layers`` overrides
+    for one pipeline stage built in a single process."""
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
-        num_layers=args.num_layers,
+        num_layers=num_layers or args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
@@ -72,8 +118,8 @@ def _gpt_model(args, use_cpu_initialization: bool = True):
         transformer_layer_spec=spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=pre_process,
+        post_process=post_process,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=int(args.rotary_base),
@@ -94,30 +140,49 @@ def main(jobs_path: str) -> int:
     if device == "cpu":
         torch.cuda.current_device = lambda: "cpu"
         mrandom.CudaRNGStatesTracker.fork = lambda self, name="": contextlib.nullcontext()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
-    dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
+    backend = "gloo" if device == "cpu" else "nccl"
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(world, 1)
     if device != "cpu":
+        torch.cuda.set_device(rank)
         mrandom.model_parallel_cuda_manual_seed(0)
     ids = spec["input_ids"].to(device)
     b, s = ids.shape
     position_ids = torch.arange(s, device=device).expand(b, s)
     causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1)[None, None]
-    code = 0
     for mg_dir, out_path in spec["jobs"]:
-        obj = _read_megatron_file(Path(mg_dir))
-        model = _gpt_model(obj["args"], use_cpu_initialization=device == "cpu")
-        model.load_state_dict(obj["model"], strict=True)
-        model.to(device)
-        model.eval()
-        with torch.no_grad():
-            logits = model(ids, position_ids, attention_mask=causal)
-        torch.save(logits.float().cpu(), out_path)
+        files = _stage_files(Path(mg_dir), rank)
+        hidden = None
+        for p, path in enumerate(files):
+            obj = _read(path)
+            assert "model" in obj, f"{path}: no 'model' (virtual stages are not run here)"
+            num_layers = len(
+                {k.split(".")[2] for k in obj["model"] if k.startswith("decoder.layers.")}
+            )
+            model = gpt_model(obj["args"], use_cpu_initialization=device == "cpu",
+                              pre_process=p == 0, post_process=p == len(files) - 1,
+                              num_layers=num_layers)  # fmt: skip
+            model.load_state_dict(obj["model"], strict=True)
+            model.to(device).eval()
+            with torch.no_grad():
+                if p > 0:
+                    model.set_input_tensor(hidden)
+                hidden = model(ids if p == 0 else None, position_ids, attention_mask=causal)
+        torch.save(hidden.float().cpu(), f"{out_path}.tp{rank}")
+    dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)
+
+
+def megatron_logits(out_path: str | Path, tp: int) -> torch.Tensor:
+    """Full logits from the per-rank vocab shards :func:`main` saved."""
+    parts = [torch.load(f"{out_path}.tp{r}", weights_only=True) for r in range(tp)]
+    return torch.cat(parts, dim=-1)
 
 
 if __name__ == "__main__":

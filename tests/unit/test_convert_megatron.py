@@ -3,20 +3,15 @@ load_state_dict) and gives the logits transformers gives on the HF original (fp3
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.helpers.convert import megatron_logits, run_megatron
 from tests.helpers.tiny_models import save_tiny_hf_model, tiny_hf_model
 from tunelab.convert.megatron import ConvertOptions, convert
 
 pytest.importorskip("megatron.core")
 
-ROOT = Path(__file__).resolve().parents[2]
 # mcore's llama3 rope scaling hard-codes original_max_position_embeddings=8192
 # A large init so that attention is far from uniform: with the default 0.02 a k/v mix-up
 # changes the logits by less than the tolerance.
@@ -39,14 +34,17 @@ CASES = {
 
 
 def test_megatron_core_gptmodel_matches_transformers(tmp_path):
+    """TP1: every family, one stage and two pipeline stages (stage models run in sequence)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (2, 12))
     jobs, expected = [], {}
     for family, overrides in CASES.items():
-        overrides = {**INIT, **overrides}
+        overrides = {**INIT, **overrides, "num_hidden_layers": 4}
         hf_dir = save_tiny_hf_model(tmp_path / family / "hf", family, seed=1, **overrides)
-        mg = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / family / "mg", progress=False))
-        jobs.append((str(mg), str(tmp_path / f"{family}.pt")))
+        for pp in (1, 2):
+            name = f"{family}_pp{pp}"
+            mg = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / name, pp=pp, progress=False))
+            jobs.append((str(mg), str(tmp_path / f"{name}.pt")))
         with torch.no_grad():
             expected[family] = tiny_hf_model(family, seed=1, **overrides)(ids).logits
     # the re-sharding path too: HF -> TP2 PP2 -> TP1 PP1 -> Megatron
@@ -54,19 +52,33 @@ def test_megatron_core_gptmodel_matches_transformers(tmp_path):
                            progress=False))  # fmt: skip
     convert(ConvertOptions("mg", "mg", tmp_path / "mg22", tmp_path / "resharded", progress=False))
     jobs.append((str(tmp_path / "resharded"), str(tmp_path / "resharded.pt")))
-    expected["resharded"] = expected["qwen2"]
     torch.save({"input_ids": ids, "jobs": jobs}, tmp_path / "jobs.pt")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.convert", str(tmp_path / "jobs.pt")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for family in expected:
-        got = torch.load(tmp_path / f"{family}.pt", weights_only=True)
-        assert got.shape == expected[family].shape
-        torch.testing.assert_close(got, expected[family], rtol=1e-4, atol=1e-4, msg=family)
+    run_megatron(tmp_path / "jobs.pt", world_size=1)
+    for family, want in expected.items():
+        for name in (f"{family}_pp1", f"{family}_pp2"):
+            got = megatron_logits(tmp_path / f"{name}.pt", tp=1)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+    got = megatron_logits(tmp_path / "resharded.pt", tp=1)
+    torch.testing.assert_close(got, expected["qwen2"], rtol=1e-4, atol=1e-4)
+
+
+def test_megatron_core_tensor_parallel_tp2_pp2(tmp_path):
+    """TP2 PP2 files in Megatron's own tensor-parallel model: two gloo processes, each loading
+    its rank's two stage files strictly; the vocab shards of the logits concatenate to
+    transformers' logits."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 12))
+    jobs, expected = [], {}
+    for family in ("qwen2", "qwen3", "llama2"):
+        overrides = {**INIT, "num_hidden_layers": 4}
+        hf_dir = save_tiny_hf_model(tmp_path / family / "hf", family, seed=1, **overrides)
+        mg = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / family / "mg", tp=2, pp=2,
+                                    progress=False))  # fmt: skip
+        jobs.append((str(mg), str(tmp_path / f"{family}.pt")))
+        with torch.no_grad():
+            expected[family] = tiny_hf_model(family, seed=1, **overrides)(ids).logits
+    torch.save({"input_ids": ids, "jobs": jobs}, tmp_path / "jobs.pt")
+    run_megatron(tmp_path / "jobs.pt", world_size=2)
+    for family, want in expected.items():
+        got = megatron_logits(tmp_path / f"{family}.pt", tp=2)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=family)
