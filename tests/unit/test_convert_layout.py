@@ -207,3 +207,31 @@ def test_tp_must_divide_heads(qwen2_hf, tmp_path, tp, match):
     with pytest.raises(ConfigError, match=match):
         _to_mg(qwen2_hf, tmp_path / "mg", tp=tp)
     assert not (tmp_path / "mg" / "iter_0000001").exists()
+
+
+def test_layout_equals_megatron_core_layer_offsets():
+    """Stage / virtual-chunk layer ranges equal megatron-core's own get_transformer_layer_offset
+    and get_num_layers_to_build (uneven: Megatron's first-stage count = a 2-entry layer list)."""
+    pytest.importorskip("megatron.core")
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    cases = [(12, 3, 2, None), (16, 4, 2, None), (16, 2, 1, None), (8, 2, None, None),
+             (8, 2, None, [3, 5]), (10, 2, None, [7, 3])]  # fmt: skip
+    for num_layers, pp, per_chunk, layer_list in cases:
+        lay = ParallelLayout.build(num_layers, pp=pp, num_layer_list=layer_list,
+                                   layers_per_vpp_stage=per_chunk)  # fmt: skip
+        vpp = lay.vpp if per_chunk else None
+        cfg = TransformerConfig(
+            num_layers=num_layers, hidden_size=64, num_attention_heads=4,
+            pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+            num_layers_in_first_pipeline_stage=layer_list[0] if layer_list else None,
+            pipeline_dtype=torch.float32, use_cpu_initialization=True,
+        )  # fmt: skip
+        for p in range(pp):
+            for c in range(lay.vpp):
+                vp = c if vpp else None
+                start = get_transformer_layer_offset(cfg, vp_stage=vp, pp_rank=p)
+                count = get_num_layers_to_build(cfg, vp_stage=vp, pp_rank=p)
+                assert lay.chunks[p][c] == range(start, start + count), (num_layers, pp, p, c)
