@@ -66,10 +66,23 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def lmeval_run(tmp_path_factory, tiny_hf_dir):
+def hflm(tiny_hf_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(
+        pretrained=str(tiny_hf_dir),
+        backend="causal",
+        batch_size=1,
+        device="cpu",
+        dtype="float32",
+        max_length=MAX_LENGTH,
+    )
+
+
+@pytest.fixture(scope="module")
+def lmeval_run(tmp_path_factory, hflm):
     """lm-eval results for both tasks (one HFLM, one evaluator call per shot count)."""
     from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     root = tmp_path_factory.mktemp("lmeval")
@@ -88,14 +101,7 @@ def lmeval_run(tmp_path_factory, tiny_hf_dir):
             )
         )
     (yamls / "boolq.yaml").write_text(_BOOLQ_YAML.format(data=boolq, cache=root / "cache"))
-    lm = HFLM(
-        pretrained=str(tiny_hf_dir),
-        backend="causal",
-        batch_size=1,
-        device="cpu",
-        dtype="float32",
-        max_length=MAX_LENGTH,
-    )
+    lm = hflm
     manager = TaskManager(include_path=str(yamls))
     runs = {}
     for shots in (0, 2):
@@ -119,6 +125,30 @@ def tunelab_scorer(tiny_hf_dir):
     model = load_model(tiny_hf_dir, dtype="float32")
     tok = AutoTokenizer.from_pretrained(str(tiny_hf_dir))
     return LMScorer(tok, forward=lambda ids, pos: model(ids, pos), max_length=MAX_LENGTH)
+
+
+@pytest.mark.parametrize(
+    "context, continuation",
+    [
+        ("Answer:", " A"),
+        ("Answer: ", "A"),  # trailing context space moves into the continuation
+        ("Question: is it?\nAnswer:  \n", " yes"),
+        ("", "hello world"),  # empty context: conditioned on the prefix (eos) token
+        ("数学题：", "答案"),
+    ],
+)
+def test_tokenization_matches_lm_eval(hflm, tunelab_scorer, context, continuation):
+    from lm_eval.api.instance import Instance
+
+    from tunelab.eval.harness import LoglikelihoodRequest
+
+    req = LoglikelihoodRequest(context, continuation)
+    if context:
+        assert tunelab_scorer.encode_pair(req) == tuple(hflm._encode_pair(context, continuation))
+    inst = Instance("loglikelihood", {}, (context, continuation), 0)
+    [(lm_lp, lm_greedy)] = hflm.loglikelihood([inst], disable_tqdm=True)
+    [(lp, greedy)] = tunelab_scorer.loglikelihood([req])
+    assert lp == pytest.approx(lm_lp, abs=1e-4) and greedy == lm_greedy
 
 
 def _compare(task_name, lm_samples, lm_acc, result):
@@ -196,10 +226,9 @@ metric_list:
 """
 
 
-def test_gsm8k_generation_matches_lm_eval(tmp_path, tiny_hf_dir):
+def test_gsm8k_generation_matches_lm_eval(tmp_path, tiny_hf_dir, hflm):
     """Generation mode: same prompts and the same greedy continuations as lm-eval's HFLM."""
     from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from tests.helpers.eval import write_gsm8k
@@ -212,15 +241,8 @@ def test_gsm8k_generation_matches_lm_eval(tmp_path, tiny_hf_dir):
     (tmp_path / "yaml" / "gsm8k.yaml").write_text(
         _GSM8K_YAML.format(data=gsm, cache=tmp_path / "cache")
     )
-    lm = HFLM(
-        pretrained=str(tiny_hf_dir),
-        batch_size=1,
-        device="cpu",
-        dtype="float32",
-        max_length=MAX_LENGTH,
-    )
     run = evaluator.simple_evaluate(
-        model=lm,
+        model=hflm,
         tasks=["tl_gsm8k"],
         task_manager=TaskManager(include_path=str(tmp_path / "yaml")),
         num_fewshot=2,
