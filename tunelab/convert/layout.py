@@ -75,15 +75,18 @@ class ModelDims:
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def check_tp(self, tp: int, where: str = "--target-tensor-parallel-size") -> None:
-        """Raise if this model cannot be split over ``tp`` tensor-parallel ranks."""
+    def check_tp(
+        self, tp: int, where: str = "--target-tensor-parallel-size", vocab: bool = True
+    ) -> None:
+        """Raise if this model cannot be split over ``tp`` tensor-parallel ranks (``vocab``:
+        also the vocab, which a Megatron checkpoint may have padded beyond config.json's)."""
         if tp < 1:
             raise ConfigError(f"{where}={tp}: must be >= 1")
         checks = (
             ("num_attention_heads", self.num_heads),
             ("num_key_value_heads (query groups)", self.num_kv_heads),
             ("intermediate_size", self.ffn_hidden_size),
-            ("vocab_size", self.vocab_size),
+            ("vocab_size", self.vocab_size if vocab else tp),
         )
         for name, value in checks:
             if value % tp:

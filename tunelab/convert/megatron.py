@@ -261,7 +261,7 @@ class McoreReader:
                 f"{ckpt.iter_dir} holds {self.layout.num_layers} layers but the config says "
                 f"{dims.num_layers} (num_hidden_layers); is the config for this checkpoint?"
             )
-        dims.check_tp(ckpt.tp, where=f"{ckpt.iter_dir} TP")
+        dims.check_tp(ckpt.tp, where=f"{ckpt.iter_dir} TP", vocab=False)
 
     def _stage(self, p: int) -> list[list[dict[str, torch.Tensor]]]:
         """[vchunk][tp_rank] -> that rank's model chunk, normalized, LoRA merged."""
