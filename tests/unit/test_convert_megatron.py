@@ -33,6 +33,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 def test_megatron_core_gptmodel_matches_transformers(tmp_path):
     """TP1: every family, one stage and two pipeline stages (stage models run in sequence)."""
     torch.manual_seed(0)
@@ -62,6 +63,7 @@ def test_megatron_core_gptmodel_matches_transformers(tmp_path):
     torch.testing.assert_close(got, expected["qwen2"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_megatron_core_tensor_parallel_tp2_pp2(tmp_path):
     """TP2 PP2 files in Megatron's own tensor-parallel model: two gloo processes, each loading
     its rank's two stage files strictly; the vocab shards of the logits concatenate to
