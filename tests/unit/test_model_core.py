@@ -149,3 +149,51 @@ def test_repeated_kv_heads_equal_native_gqa():
     native = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     repeated = F.scaled_dot_product_attention(q, _repeat_kv(k, 8), _repeat_kv(v, 8), attn_mask=mask)
     torch.testing.assert_close(native, repeated)
+
+
+def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window_size=(-1, -1)):
+    """flash-attn's documented varlen semantics in plain PyTorch: q/k/v are [total, heads, D],
+    sequences are cut at ``cu_seqlens``, GQA by head groups, window (left, right) on top of
+    causal."""
+    import torch.nn.functional as F
+
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        n = e - s
+        i = torch.arange(n)
+        allowed = torch.ones(n, n, dtype=torch.bool)
+        if causal:
+            allowed &= i[None, :] <= i[:, None]
+        if window_size[0] >= 0:
+            allowed &= i[:, None] - i[None, :] <= window_size[0]
+        qs = q[s:e].transpose(0, 1)
+        ks = k[s:e].transpose(0, 1).repeat_interleave(rep, 0)
+        vs = v[s:e].transpose(0, 1).repeat_interleave(rep, 0)
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_flash_varlen_glue_with_reference_kernel(monkeypatch, window):
+    import sys
+    import types
+
+    import tunelab.model.attention as attention
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = _reference_flash_varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(attention, "flash_available", lambda: True)
+    cfg = ModelConfig.from_hf(tiny_hf_config("qwen3")).replace(sliding_window=window)
+    model = build_from_scratch(cfg, seed=5)
+    pos = packed_position_ids([[7, 20, 13], [40]])
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        sdpa = model(ids, pos)
+        sdpa_plain = model(ids)
+        model.set_attn_backend("flash")
+        flash = model(ids, pos)
+        flash_plain = model(ids)
+    torch.testing.assert_close(flash, sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flash_plain, sdpa_plain, rtol=1e-5, atol=1e-5)

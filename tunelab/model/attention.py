@@ -64,6 +64,7 @@ class AttentionMask:
     block_mask: Any = None  # flex
     cu_seqlens: torch.Tensor | None = None  # flash
     max_seqlen: int = 0  # flash
+    window: int | None = None  # flash: sliding window (the other backends bake it into the mask)
 
 
 def build_attention_mask(
