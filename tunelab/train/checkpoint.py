@@ -179,7 +179,8 @@ class CheckpointManager:
             set_rng_state(torch.load(rng, weights_only=False))
         else:
             logger.warning(
-                "%s was saved by %s processes, this run has %d: RNG states are reseeded",
+                "%s was saved by %s processes, this run has %d: RNG states are not restored "
+                "(data order and weights still resume exactly; dropout draws differ)",
                 step_dir,
                 meta.get("world_size"),
                 _world(),
