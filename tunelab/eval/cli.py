@@ -164,6 +164,10 @@ def main(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens or task.default_max_new_tokens,
         limit=args.limit,
     )
+    if settings.scoring == "loglikelihood":  # fail before loading the model, not midway
+        for subject in subjects:
+            for doc in subject.docs:
+                task.choices(doc)
     if task.needs_code_execution:
         task.sandbox.allow = True
         task.sandbox.timeout_s = args.code_timeout

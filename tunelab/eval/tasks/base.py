@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -69,7 +69,10 @@ class Task:
 
     def choices(self, doc: Doc) -> list[str]:
         """Continuations scored in log-likelihood mode (without the target delimiter)."""
-        raise NotImplementedError(f"task {self.name} has no answer choices")
+        raise ConfigError(
+            f"task {self.name} has no answer choices to score by log-likelihood; "
+            "use --scoring generate"
+        )
 
     def gold(self, doc: Doc) -> int:
         """Index of the correct choice."""
