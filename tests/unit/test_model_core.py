@@ -86,6 +86,9 @@ def test_flex_backend_forward_equals_sdpa_on_cpu():
     torch.testing.assert_close(flex_causal, causal, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="sdpa, flex, flash"):
         model.set_attn_backend("xformers")
+    model.requires_grad_(True)
+    with pytest.raises(ConfigError, match="no backward pass on CPU"):
+        model.loss(ids, ids, pos)
 
 
 def test_pipeline_stage_path_hidden_in_hidden_out():
@@ -193,6 +196,10 @@ def test_flash_varlen_glue_with_reference_kernel(monkeypatch, window):
         sdpa = model(ids, pos)
         sdpa_plain = model(ids)
         model.set_attn_backend("flash")
+        with pytest.raises(ConfigError, match="needs bf16 or fp16"):
+            model(ids, pos)
+        # The reference kernel runs in any dtype; let fp32 through to compare exactly.
+        monkeypatch.setattr(attention, "FLASH_DTYPES", (torch.float32,))
         flash = model(ids, pos)
         flash_plain = model(ids)
     torch.testing.assert_close(flash, sdpa, rtol=1e-5, atol=1e-5)

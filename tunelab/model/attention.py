@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tunelab.errors import ConfigError
 
 BACKENDS = ("sdpa", "flex", "flash")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what flash-attn kernels accept
 
 
 def check_backend(name: str) -> str:
@@ -172,9 +173,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
             gqa = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     if mask.backend == "flex":
+        if not q.is_cuda and q.requires_grad and torch.is_grad_enabled():
+            raise ConfigError(
+                "attention backend 'flex' has no backward pass on CPU in PyTorch; train with "
+                "attn_backend='sdpa' on CPU (flex works for CPU inference only)"
+            )
         return _flex_attention()(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if mask.backend == "flash":
         from flash_attn import flash_attn_varlen_func
+
+        if q.dtype not in FLASH_DTYPES:
+            raise ConfigError(
+                f"attention backend 'flash' needs bf16 or fp16, the model is {q.dtype}; load "
+                "with dtype='bf16' or use attn_backend='sdpa' / 'flex'"
+            )
 
         b, h, s, d = q.shape
         qf = q.transpose(1, 2).reshape(b * s, h, d)
