@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.train import random_sft_rows, run_config, write_sft
+from tunelab.errors import CheckpointError
 from tunelab.train.checkpoint import CheckpointManager, is_complete
 from tunelab.train.trainer import Trainer
 
@@ -111,6 +112,18 @@ def test_keep_last_and_explicit_resume(tmp_path, tiny_hf_dir, data):
         tmp_path, tiny_hf_dir, data, "--train.steps=4", f"--load={tmp_path}/checkpoints/step-3"
     )
     assert Trainer(again).step == 3
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        Trainer(run_config(tmp_path, tiny_hf_dir, data, "--train.steps=4", "--load=never"))
+
+
+def test_resume_from_an_earlier_step_abandons_the_later_ones(tmp_path, tiny_hf_dir, data):
+    cfg = run_config(tmp_path, tiny_hf_dir, data, "--train.steps=3", "--save_interval=1")
+    Trainer(cfg).train()
+    root = tmp_path / "checkpoints"
+    branch = run_config(tmp_path, tiny_hf_dir, data, "--train.steps=2", f"--load={root}/step-1")
+    Trainer(branch).train()  # re-saves step-2 from the step-1 state
+    assert (root / "latest").read_text().strip() == "step-2"
+    assert Trainer(cfg).step == 2  # auto follows `latest`, not the abandoned step-3
 
 
 def test_lora_checkpoints_only_adapters_and_resumes_exactly(tmp_path, tiny_hf_dir, data):

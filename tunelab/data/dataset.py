@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,16 +232,23 @@ class BlendedSampler:
         if n <= start:
             return
         n = max(n, 2 * start, 1024)
-        choice = np.empty(n - start, dtype=np.int64)
-        within = np.empty(n - start, dtype=np.int64)
-        counts = self._counts
+        if len(self.sources) == 1:  # nothing to blend
+            self._choice = np.zeros(n, dtype=np.int64)
+            self._within = np.arange(n, dtype=np.int64)
+            return
+        weights = self.weights.tolist()
+        counts = self._counts.tolist()
+        choice, within = [], []
+        ks = range(len(weights))
         for g in range(start, n):
-            k = int(np.argmax(self.weights * (g + 1) - counts))
-            choice[g - start] = k
-            within[g - start] = counts[k]
+            # the dataset furthest behind its share of the first g + 1 samples (first on ties)
+            k = max(ks, key=lambda i: weights[i] * (g + 1) - counts[i])
+            choice.append(k)
+            within.append(counts[k])
             counts[k] += 1
-        self._choice = np.concatenate([self._choice, choice])
-        self._within = np.concatenate([self._within, within])
+        self._counts = np.asarray(counts, dtype=np.int64)
+        self._choice = np.concatenate([self._choice, np.asarray(choice, dtype=np.int64)])
+        self._within = np.concatenate([self._within, np.asarray(within, dtype=np.int64)])
 
     def _perm(self, k: int, epoch: int) -> np.ndarray:
         key = (k, epoch)
@@ -335,20 +342,18 @@ def eval_batches(
     max_micro_batches: int = 0,
     dp_rank: int = 0,
     dp_size: int = 1,
-) -> list[list[dict[str, torch.Tensor]]]:
+) -> Iterator[list[dict[str, torch.Tensor]]]:
     """The eval split in order, as rounds of micro-batches: round i holds this rank's
     micro-batch i (every rank gets the same number of rounds; a short last round is
     dropped so shapes stay equal across ranks)."""
-    rows = [src[i] for src in sources for i in range(len(src))]
+    index = [(k, i) for k, src in enumerate(sources) for i in range(len(src))]
     per_round = micro_batch_size * dp_size
-    num_rounds = len(rows) // per_round
+    num_rounds = len(index) // per_round
     if max_micro_batches:
         num_rounds = min(num_rounds, max_micro_batches)
-    out = []
-    for r in range(num_rounds):
+    for r in range(num_rounds):  # lazily: an eval split may be large
         lo = r * per_round + dp_rank * micro_batch_size
-        out.append([collate(rows[lo : lo + micro_batch_size])])
-    return out
+        yield [collate([sources[k][i] for k, i in index[lo : lo + micro_batch_size]])]
 
 
 # ---- pre-flight checks ---------------------------------------------------------------------

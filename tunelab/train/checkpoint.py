@@ -91,12 +91,13 @@ class CheckpointManager:
         return sorted((p for p in dirs if is_complete(p)), key=step_of)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint (``latest`` if it names one, else a scan)."""
+        """The checkpoint ``latest`` names; a scan for the newest complete one when the pointer
+        is missing or names an incomplete directory. The pointer wins over a scan, so after
+        resuming from an earlier step the abandoned later steps are not picked up again."""
         pointer = self.root / LATEST
         if pointer.is_file():
             cand = self.root / pointer.read_text(encoding="utf-8").strip()
-            steps = self.complete_steps()
-            if is_complete(cand) and (not steps or step_of(steps[-1]) <= step_of(cand)):
+            if STEP_RE.match(cand.name) and is_complete(cand):
                 return cand
         steps = self.complete_steps()
         return steps[-1] if steps else None
@@ -142,7 +143,7 @@ class CheckpointManager:
         if rank == 0:
             meta = {**meta, "step": step, "world_size": _world()}
             (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            if final.exists():  # re-saving a step (e.g. resumed with resume=never)
+            if final.exists():  # re-saving a step after resuming from an earlier one
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write_text(self.root / LATEST, final.name + "\n")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from tunelab.config import RunConfig, parse_blend, parse_split
 from tunelab.data import dataset as ds
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import CheckpointError, ConfigError, TunelabError
 from tunelab.train.checkpoint import CheckpointManager
 from tunelab.train.metrics import MetricsLogger, memory_gib, peak_flops
 from tunelab.train.optim import LRSchedule, Scheduler, build_optimizer
@@ -268,11 +268,12 @@ class Trainer:
 
         found = self.ckpt.resolve(self.cfg.checkpoint.resume)
         if found is None:
-            if self.cfg.checkpoint.resume == "never" and self.ckpt.complete_steps():
-                logger.warning(
-                    "checkpoint.resume=never: starting from step 0 although %s holds "
-                    "checkpoints; they will be overwritten step by step",
-                    self.ckpt.root,
+            done = self.ckpt.complete_steps()
+            if self.cfg.checkpoint.resume == "never" and done:
+                raise CheckpointError(
+                    f"checkpoint.resume=never but {self.ckpt.root} already holds checkpoints "
+                    f"(up to {done[-1].name}); choose another train.output_dir, delete them, "
+                    "or resume with checkpoint.resume=auto"
                 )
             return
         state = self._state()
