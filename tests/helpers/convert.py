@@ -76,7 +76,12 @@ def run_megatron(jobs_path: Path, world_size: int = 1, timeout: int = 600) -> No
 
 
 def gpt_model(
-    args, use_cpu_initialization=True, pre_process=True, post_process=True, num_layers=None
+    args,
+    use_cpu_initialization=True,
+    pre_process=True,
+    post_process=True,
+    num_layers=None,
+    init_method_std=0.02,
 ):
     """Megatron-core GPTModel (local spec) for a checkpoint's ``args``; ``num_layers`` overrides
     for one pipeline stage built in a single process."""
@@ -111,6 +116,7 @@ def gpt_model(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        init_method_std=init_method_std,
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization="RMSNorm")
     return GPTModel(
@@ -153,7 +159,9 @@ def main(jobs_path: str) -> int:
     b, s = ids.shape
     position_ids = torch.arange(s, device=device).expand(b, s)
     causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1)[None, None]
-    for mg_dir, out_path in spec["jobs"]:
+    for template, out_dir, out_path in spec.get("produce", []):
+        _produce(Path(template), Path(out_dir), out_path, rank, ids, position_ids, causal)
+    for mg_dir, out_path in spec.get("jobs", []):
         files = _stage_files(Path(mg_dir), rank)
         hidden = None
         for p, path in enumerate(files):
@@ -177,6 +185,28 @@ def main(jobs_path: str) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _produce(template: Path, out_dir: Path, out_path, rank, ids, position_ids, causal) -> None:
+    """Megatron writes a checkpoint itself: a randomly initialized GPTModel (TP = world size,
+    PP 1) with ``template``'s args, saved in the torch layout, plus its logits."""
+    (path,) = _stage_files(template, rank)
+    args = _read(path)["args"]
+    torch.manual_seed(1234)  # CPU init builds the full weight on every rank, then slices it
+    model = gpt_model(args, init_method_std=0.3).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # Megatron inits norms to 1, biases to 0
+            if name.endswith("layernorm.weight") or name.endswith(".bias"):
+                p.copy_(
+                    torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5
+                )
+        logits = model(ids, position_ids, attention_mask=causal)
+    torch.save(logits.float().cpu(), f"{out_path}.tp{rank}")
+    state = model.state_dict_for_save_checkpoint()
+    target = out_dir / "iter_0000001" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": state}, target)
+    (out_dir / "latest_checkpointed_iteration.txt").write_text("1")
 
 
 def megatron_logits(out_path: str | Path, tp: int) -> torch.Tensor:

@@ -64,13 +64,16 @@ def test_megatron_core_gptmodel_matches_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_megatron_core_tensor_parallel_tp2_pp2(tmp_path):
-    """TP2 PP2 files in Megatron's own tensor-parallel model: two gloo processes, each loading
-    its rank's two stage files strictly; the vocab shards of the logits concatenate to
-    transformers' logits."""
+def test_megatron_core_tensor_parallel_tp2(tmp_path):
+    """On two gloo processes, Megatron's tensor-parallel GPTModel (1) loads our TP2 PP2 files
+    strictly, each rank its two stage files, and the vocab shards of its logits concatenate to
+    transformers' logits; (2) writes a TP2 checkpoint of its own (random init) that
+    `tunelab convert` turns into an HF model with Megatron's logits in transformers."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (2, 12))
-    jobs, expected = [], {}
+    jobs, produce, expected = [], [], {}
     for family in ("qwen2", "qwen3", "llama2"):
         overrides = {**INIT, "num_hidden_layers": 4}
         hf_dir = save_tiny_hf_model(tmp_path / family / "hf", family, seed=1, **overrides)
@@ -79,8 +82,22 @@ def test_megatron_core_tensor_parallel_tp2_pp2(tmp_path):
         jobs.append((str(mg), str(tmp_path / f"{family}.pt")))
         with torch.no_grad():
             expected[family] = tiny_hf_model(family, seed=1, **overrides)(ids).logits
-    torch.save({"input_ids": ids, "jobs": jobs}, tmp_path / "jobs.pt")
+        template = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / family / "tp2", tp=2,
+                                          progress=False))  # fmt: skip
+        produce.append((str(template), str(tmp_path / family / "by_megatron"),
+                        str(tmp_path / f"{family}_megatron.pt")))  # fmt: skip
+    torch.save({"input_ids": ids, "jobs": jobs, "produce": produce}, tmp_path / "jobs.pt")
     run_megatron(tmp_path / "jobs.pt", world_size=2)
     for family, want in expected.items():
         got = megatron_logits(tmp_path / f"{family}.pt", tp=2)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=family)
+        # Megatron's own checkpoint -> HF -> transformers
+        out = convert(ConvertOptions("mg", "hf", tmp_path / family / "by_megatron",
+                                     save_hf_dir=tmp_path / family / "from_megatron",
+                                     progress=False))  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager")
+        with torch.no_grad():
+            hf_logits = model.eval()(ids).logits
+        mg_logits = megatron_logits(tmp_path / f"{family}_megatron.pt", tp=2)
+        assert mg_logits.std() > 0.5  # a real model, not near-zero outputs
+        torch.testing.assert_close(hf_logits, mg_logits, rtol=1e-4, atol=1e-4, msg=family)
