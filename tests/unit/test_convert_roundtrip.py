@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tests.helpers.tiny_models import FAMILIES, save_tiny_hf_model
 from tunelab.cli import main as cli_main
 from tunelab.convert.megatron import ConvertOptions, convert
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, ConfigError
 from tunelab.model.hf import load_hf_state_dict
 
 
@@ -239,3 +239,23 @@ def test_config_that_does_not_match_the_weights(tmp_path):
     with pytest.raises(CheckpointError, match="config implies"):
         convert(ConvertOptions("hf", "mg", other, tmp_path / "x", progress=False))
     assert not (tmp_path / "b").exists()
+
+
+def test_vocab_padding_for_tp(tmp_path):
+    hf = save_tiny_hf_model(tmp_path / "hf", "qwen2_untied", vocab_size=511)
+    with pytest.raises(ConfigError, match="vocab_size=511"):
+        convert(ConvertOptions("hf", "mg", hf, tmp_path / "x", tp=2, progress=False))
+    mg = convert(ConvertOptions("hf", "mg", hf, tmp_path / "mg", tp=2,
+                                make_vocab_size_divisible_by=1, progress=False))  # fmt: skip
+    ref = load_hf_state_dict(hf)
+    for r in range(2):
+        obj = _load(_file(mg, f"mp_rank_{r:02d}"))
+        assert obj["args"].padded_vocab_size == 512
+        emb = obj["model"]["embedding.word_embeddings.weight"]
+        assert emb.shape == (256, 64)
+        want = ref["model.embed_tokens.weight"][256 * r : 256 * r + 256]
+        assert torch.equal(emb[: want.shape[0]], want)
+    last = _load(_file(mg, "mp_rank_01"))["model"]["output_layer.weight"]
+    assert torch.equal(last[-2:], ref["lm_head.weight"][-1:].expand(2, -1))  # repeated last row
+    back = convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "b", progress=False))
+    _assert_same(hf, back)

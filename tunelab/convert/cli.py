@@ -70,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="layers per virtual pipeline chunk (interleaved schedule)",
     )
     g.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        help="pad the vocab to a multiple of this x TP, as Megatron does (padding rows repeat "
+        "the last row; HF export cuts them off). Default: no padding",
+    )
+    g.add_argument(
         "--transformer-impl",
         choices=("local", "transformer_engine"),
         default="local",
@@ -146,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha,
         lora_target_modules=args.lora_target_modules,
         allow_unsafe_pickle=args.allow_unsafe_pickle,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         progress=not args.no_progress,
     )
     if args.save_model_type == "hf" and (

@@ -75,6 +75,8 @@ class ConvertOptions:
     lora_alpha: float | None = None
     lora_target_modules: list[str] | None = None
     allow_unsafe_pickle: bool = False
+    # Megatron's --make-vocab-size-divisible-by: pad the vocab to a multiple of this x TP
+    make_vocab_size_divisible_by: int | None = None
     iteration: int = 1
     progress: bool = True
 
@@ -99,8 +101,19 @@ def dims_from_config(cfg: ModelConfig) -> L.ModelDims:
     )
 
 
+def padded_vocab_size(vocab: int, tp: int, divisible_by: int | None) -> int:
+    """Megatron's _vocab_size_with_padding: round up to a multiple of divisible_by x TP."""
+    if not divisible_by:
+        return vocab
+    if divisible_by < 1:
+        raise ConfigError(f"--make-vocab-size-divisible-by {divisible_by}: must be >= 1")
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
 def megatron_args(cfg: ModelConfig, lay: L.ParallelLayout, te: bool, dtype: torch.dtype | None,
-                  model_type_hf: str | None) -> argparse.Namespace:  # fmt: skip
+                  model_type_hf: str | None, padded_vocab: int | None = None
+                  ) -> argparse.Namespace:  # fmt: skip
     """The `args` Namespace stored in every file: Megatron's own names for the architecture
     (what Megatron checks on load) plus ``hf_config`` so mcore -> HF needs no other input."""
     dtype = dtype or torch.float32
@@ -115,7 +128,7 @@ def megatron_args(cfg: ModelConfig, lay: L.ParallelLayout, te: bool, dtype: torc
         kv_channels=cfg.head_dim,
         max_position_embeddings=cfg.max_position_embeddings,
         seq_length=cfg.max_position_embeddings,
-        padded_vocab_size=cfg.vocab_size,
+        padded_vocab_size=padded_vocab or cfg.vocab_size,
         vocab_size=cfg.vocab_size,
         make_vocab_size_divisible_by=1,
         normalization="RMSNorm",
@@ -372,6 +385,7 @@ class McoreWriter:
     args: argparse.Namespace
     iteration: int
     adapter: object | None = None  # tunelab.model.lora.LoraAdapter
+    padded_vocab: int | None = None
     merged: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -448,6 +462,12 @@ class McoreWriter:
         if self.dtype is not None:
             hf = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in hf.items()}
         lay, tp = self.layout, self.layout.tp
+        for key in (L.EMBED_HF, L.HEAD_HF):
+            if key in hf and self.padded_vocab and self.padded_vocab > hf[key].shape[0]:
+                t = hf[key]
+                # as MindSpeed's converter pads: repeat the last row (never sampled: the
+                # tokenizer has no such ids, and HF export cuts them off again)
+                hf[key] = torch.cat([t, t[-1:].expand(self.padded_vocab - t.shape[0], -1)])
         files: list[dict] = [
             {"args": self.args, "checkpoint_version": 3.0, "iteration": self.iteration}
             for _ in range(tp)
@@ -603,7 +623,8 @@ def convert(opts: ConvertOptions) -> Path:
     if opts.save_model_type == "mg":
         if opts.save_dir is None:
             raise ConfigError("--save-dir is required")
-        dims.check_tp(opts.tp)
+        padded = padded_vocab_size(dims.vocab_size, opts.tp, opts.make_vocab_size_divisible_by)
+        dims.check_tp(opts.tp, vocab=padded == dims.vocab_size)
         lay = L.ParallelLayout.build(
             dims.num_layers, opts.tp, opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage
         )
@@ -612,10 +633,12 @@ def convert(opts: ConvertOptions) -> Path:
             raise ConfigError("--save-dir must differ from --load-dir")
         te = opts.transformer_impl == "transformer_engine"
         out_cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch.")) if dtype else cfg
-        args_ns = megatron_args(out_cfg, lay, te, dtype, opts.model_type_hf)
+        args_ns = megatron_args(out_cfg, lay, te, dtype, opts.model_type_hf, padded)
         log.info("writing Megatron mcore checkpoint %s (%s)", save_dir, lay.describe())
         with atomic_path(save_dir / iteration_dir_name(opts.iteration)) as tmp:
-            writer = McoreWriter(tmp, cfg, dims, lay, te, dtype, args_ns, opts.iteration, adapter)
+            writer = McoreWriter(
+                tmp, cfg, dims, lay, te, dtype, args_ns, opts.iteration, adapter, padded
+            )
             for name, t in tqdm(
                 stream_factory(dims), desc="convert", unit="tensor", disable=not opts.progress
             ):
