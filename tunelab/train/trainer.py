@@ -339,7 +339,7 @@ class Trainer:
         """Accumulate gradients; returns (global loss, global supervised tokens, tokens)."""
         n_global = self._global_count(sum(self._supervised(mb) for mb in micro_batches))
         denom = max(n_global, 1.0)
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)  # no per-batch sync
         tokens = 0
         for mb in micro_batches:
             mb = self._to_device(mb)
@@ -348,7 +348,7 @@ class Trainer:
                 loss_sum, _ = self.model.loss(mb["input_ids"], mb["labels"], mb["position_ids"])
             loss = loss_sum.float() / denom
             loss.backward()
-            total += loss.detach().float().cpu()
+            total += loss.detach().float()
         return self._global_loss(total), n_global, tokens * self.dp_size
 
     def _copy_master_to_model(self) -> None:
