@@ -1,7 +1,9 @@
 """The demo's synthetic instruction tasks: small, checkable, generated from a seed.
 
 Every task has an exact answer, so accuracy is plain exact match. Held-out questions are
-drawn from the same distribution but never appear in the training rows.
+drawn from the same distribution but never appear in the training rows. Each question is
+one line (the Alpaca ``input`` column stays empty) so it can be typed into `tunelab chat`
+exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -36,22 +38,22 @@ def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
 
 def _echo(rng: random.Random) -> Example:
     w = " ".join(_words(rng, 2, 4))
-    return Example("echo", "Repeat the words exactly.", w, w)
+    return Example("echo", f"Repeat the words: {w}", "", w)
 
 
 def _add(rng: random.Random) -> Example:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return Example("add", "Add the two numbers.", f"{a} + {b}", str(a + b))
+    return Example("add", f"Add the numbers: {a} + {b}", "", str(a + b))
 
 
 def _count(rng: random.Random) -> Example:
     w = _words(rng, 1, 6)
-    return Example("count", "Count the words.", " ".join(w), str(len(w)))
+    return Example("count", f"Count the words: {' '.join(w)}", "", str(len(w)))
 
 
 def _reverse(rng: random.Random) -> Example:
     w = _words(rng, 2, 4)
-    return Example("reverse", "Reverse the order of the words.", " ".join(w), " ".join(w[::-1]))
+    return Example("reverse", f"Reverse the words: {' '.join(w)}", "", " ".join(w[::-1]))
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {
