@@ -53,11 +53,22 @@ def build_parser(verbs: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _find_verb(argv: list[str]) -> str | None:
+    """The first positional argument, skipping the values of top-level options."""
+    skip_next = False
+    for a in argv:
+        if skip_next:
+            skip_next = False
+        elif a == "--log-level":
+            skip_next = True
+        elif not a.startswith("-"):
+            return a if a in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verb = next((a for a in argv if not a.startswith("-")), None)
-    if verb not in COMMANDS:
-        verb = None
+    verb = _find_verb(argv)
     parser = build_parser((verb,) if verb else ())
     args = parser.parse_args(argv)
     logging.basicConfig(

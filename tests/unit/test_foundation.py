@@ -41,3 +41,11 @@ def test_tiny_hf_families_build(tmp_path):
         with torch.no_grad():
             out = m(torch.tensor([[1, 2, 3]]), use_cache=False).logits
         assert out.shape == (1, 3, 512)
+
+
+def test_verb_found_after_top_level_option_value():
+    from tunelab.cli import _find_verb
+
+    assert _find_verb(["--log-level", "WARNING", "eval", "--task", "mmlu"]) == "eval"
+    assert _find_verb(["--log-level=DEBUG", "demo"]) == "demo"
+    assert _find_verb(["--version"]) is None
