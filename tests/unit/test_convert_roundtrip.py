@@ -194,6 +194,11 @@ def test_broken_inputs_leave_no_output(tmp_path):
     (mg / "latest_checkpointed_iteration.txt").write_text("7")
     with pytest.raises(CheckpointError, match="iter_0000007"):
         convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "b", progress=False))
+    (mg / "latest_checkpointed_iteration.txt").write_text("3")
+    (mg / "iter_0000003").mkdir()
+    (mg / "iter_0000003" / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="torch_dist"):
+        convert(ConvertOptions("mg", "hf", mg, save_hf_dir=tmp_path / "b", progress=False))
     with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt"):
         convert(ConvertOptions("mg", "hf", hf, save_hf_dir=tmp_path / "b", progress=False))
 

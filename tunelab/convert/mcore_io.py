@@ -117,6 +117,14 @@ def find_checkpoint(load_dir: str | Path) -> McoreCheckpoint:
                 f"{p}: expert-parallel checkpoints (mp_rank_TT_PPP_EEE) are not supported"
             )
         grid.add((int(m.group(1)), int(m.group(2) or 0)))
+    if not grid:
+        if (iter_dir / ".metadata").is_file() or any(iter_dir.glob("*.distcp")):
+            raise CheckpointError(
+                f"{iter_dir} is a torch_dist (distributed checkpoint) iteration; tunelab converts "
+                "the torch format. Save with --ckpt-format torch, or convert it with Megatron's "
+                "tools first"
+            )
+        raise CheckpointError(f"{iter_dir}: no mp_rank_* directories")
     tp = max(t for t, _ in grid) + 1
     pp = max(q for _, q in grid) + 1
     ckpt = McoreCheckpoint(iter_dir, iteration, tp, pp)
