@@ -202,3 +202,16 @@ def test_growing_cache_equals_transformers(qwen_dir, monkeypatch):
     eng = Engine.from_pretrained(qwen_dir, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(str(qwen_dir)).eval()
     assert eng.generate(PROMPTS, NO_STOP) == hf_greedy(hf, PROMPTS, NEW)
+
+
+def test_static_cache_respects_sliding_window(tmp_path, tiny_tokenizer_dir):
+    """A Mistral-style window shorter than prompt + reply: static decode equals transformers."""
+    from tests.helpers.tiny_models import save_tiny_hf_model
+
+    d = save_tiny_hf_model(
+        tmp_path / "mistral", "mistral", tokenizer_dir=tiny_tokenizer_dir, sliding_window=6
+    )
+    static = Engine.from_pretrained(d, device="cpu", static_cache=True)
+    got = static.generate(PROMPTS, NO_STOP)
+    hf = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+    assert got == hf_greedy(hf, PROMPTS, NEW)

@@ -28,11 +28,14 @@ class StaticKVCache(KVCache):
         self.slot.fill_(self.seq_len)
         self.static = True
 
-    def attention_mask(self, n_new: int) -> AttentionMask:
+    def attention_mask(self, n_new: int, window: int | None = None) -> AttentionMask:
         if not self.static:
-            return super().attention_mask(n_new)
+            return super().attention_mask(n_new, window=window)
         assert n_new == 1, "static mode decodes one token per step"
         allowed = self.key_padding_mask & (self._slots <= self.slot)  # [B, T]
+        if window is not None:
+            # Sliding-window models: the query in `slot` also needs slot - k_slot < window.
+            allowed = allowed & (self.slot - self._slots < window)
         return AttentionMask("sdpa", dense=allowed[:, None, None, :])
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
