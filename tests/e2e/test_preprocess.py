@@ -520,3 +520,35 @@ def test_sigint_leaves_no_partial_outputs(tiny_tokenizer_dir, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     assert list(out.iterdir()) == []
+
+
+def test_n_subs_resumes_from_finished_shards(tiny_tokenizer_dir, tmp_path, monkeypatch, caplog):
+    from tunelab.data import preprocess
+
+    rows = [{"instruction": f"q{i}", "output": "a" * (i % 5 + 1)} for i in range(1200)]
+    inp = write_jsonl(tmp_path / "a.jsonl", rows)
+    base = ["--handler-name", "alpaca", "--prompt-type", "qwen"]
+    ref = tmp_path / "ref"
+    assert run(tiny_tokenizer_dir, inp, ref, *base) == 0
+    real, calls = preprocess._Sink.put, {"n": 0}
+
+    def fail_in_second_shard(self, fields):
+        calls["n"] += 1
+        if calls["n"] == 3:  # shard 1 of 2 = rows 0..599 = 2 chunks; then this
+            raise KeyboardInterrupt
+        real(self, fields)
+
+    monkeypatch.setattr(preprocess._Sink, "put", fail_in_second_shard)
+    out = tmp_path / "out" / "x"
+    assert run(tiny_tokenizer_dir, inp, out, *base, "--n-subs", 2) == 130
+    assert not list(out.parent.glob("x_*"))  # nothing under the final names
+    monkeypatch.setattr(preprocess._Sink, "put", real)
+    with caplog.at_level("INFO", logger="tunelab.data.preprocess"):
+        assert run(tiny_tokenizer_dir, inp, out, *base, "--n-subs", 2) == 0
+    assert "shard 1/2 reused" in caplog.text
+    for f in SFT:
+        for e in ("bin", "idx"):
+            want = Path(f"{ref}_packed_{f}_document.{e}").read_bytes()
+            assert Path(f"{out}_packed_{f}_document.{e}").read_bytes() == want
+    assert summary(out)["rows_written"] == 1200
+    assert not list(out.parent.glob(".*cache*"))
