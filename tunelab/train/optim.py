@@ -81,18 +81,25 @@ class LRSchedule:
 
 
 class Scheduler:
-    """Sets the optimizer's learning rate for each update; its state is the update count."""
+    """Sets the optimizers' learning rate for each update; its state is the update count.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, schedule: LRSchedule):
-        self.optimizer = optimizer
+    Takes one optimizer or a list (one per pipeline stage)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+        schedule: LRSchedule,
+    ):
+        self.optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
         self.schedule = schedule
         self.step_count = 0
         self._apply()
 
     def _apply(self) -> None:
         lr = self.schedule(self.step_count)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
 
     @property
     def lr(self) -> float:

@@ -107,9 +107,6 @@ class Trainer:
             self.dims = ParallelDims.from_config(self.cfg.parallel, self.world_size)
             self.mesh = self.dims.build_mesh(self.device.type)
             self.dp_rank, self.dp_size = dp_rank(self.mesh), dp_size(self.mesh)
-            if self.dims.pp_enabled:
-                # Seam for the pipeline: build_pipeline(...) and forward_backward(pipeline,...)
-                raise ConfigError("parallel.pp > 1 is not wired into tunelab train yet")
         torch.manual_seed(self.cfg.train.seed)
 
     def _setup_data_sources(self) -> None:
@@ -181,6 +178,11 @@ class Trainer:
         if self.mesh is not None:
             self.dims.check_model(self.model_config, c.parallel)
         self.lora_spec = None
+        if c.lora.r > 0 and c.parallel.pp > 1:
+            raise ConfigError(
+                "lora.r > 0 with parallel.pp > 1 is not supported yet; use FSDP (dp_shard) "
+                "and/or tensor parallelism (parallel.tp) for LoRA runs"
+            )
         if c.lora.r > 0:
             from tunelab.model.lora import LoraSpec, apply_lora, load_peft_adapter
 
@@ -206,17 +208,37 @@ class Trainer:
 
             self.master = copy.deepcopy(model)
             model.to(torch.bfloat16)
-        from tunelab.parallel.parallelize import parallelize
+        self.pipeline = None
+        if self.mesh is not None and self.dims.pp_enabled:
+            from tunelab.parallel.pipeline import build_pipeline
 
-        parallelize(model, c.parallel, self.mesh, precision=c.train.precision)
-        self.model = model
-        self.model_parts = [model]
+            self.pipeline = build_pipeline(
+                model,
+                self.mesh,
+                c.parallel,
+                c.grad_accum_steps(self.world_size),
+                self.device,
+                precision=c.train.precision,
+            )
+            self.model_parts = list(self.pipeline.model_parts)
+        else:
+            from tunelab.parallel.parallelize import parallelize
+
+            parallelize(model, c.parallel, self.mesh, precision=c.train.precision)
+            self.model_parts = [model]
+        self.model = model  # the whole model (under pp: the unsplit one, for names only)
         self.flops_per_token = self.model_config.flops_per_token(c.data.seq_length)
 
     def _setup_optim(self) -> None:
-        target = self.master if self.master is not None else self.model
-        self.optimizer = build_optimizer(target, self.cfg.optim)
-        self.scheduler = Scheduler(self.optimizer, LRSchedule.from_config(self.cfg))
+        # What the optimizers update: the fp32 master (pure bf16) or the model parts (one
+        # optimizer per pipeline stage, so each optimizer's state maps to one module).
+        self.opt_parts = [self.master] if self.master is not None else self.model_parts
+        self.optimizers = [build_optimizer(part, self.cfg.optim) for part in self.opt_parts]
+        self.scheduler = Scheduler(self.optimizers, LRSchedule.from_config(self.cfg))
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizers[0]
 
     def _setup_loaders(self) -> None:
         c = self.cfg
@@ -245,19 +267,23 @@ class Trainer:
     def _trainable_keys(self) -> set[str] | None:
         if self.lora_spec is None:
             return None
-        return {_clean(n) for n, p in self.model.named_parameters() if p.requires_grad}
+        return {
+            _clean(n)
+            for part in self.model_parts
+            for n, p in part.named_parameters()
+            if p.requires_grad
+        }
 
     def _state(self) -> dict[str, Any]:
         from tunelab.parallel.state import model_state_dict, optimizer_state_dict
 
-        parts = [self.master] if self.master is not None else self.model_parts
-        model_sd = model_state_dict(parts)
+        model_sd = model_state_dict(self.opt_parts)
         keep = self._trainable_keys()
         if keep is not None:  # LoRA: the frozen base is not checkpointed
             model_sd = {k: v for k, v in model_sd.items() if k in keep}
         return {
             "model": model_sd,
-            "optimizer": optimizer_state_dict(parts, [self.optimizer]),
+            "optimizer": optimizer_state_dict(self.opt_parts, self.optimizers),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "train": {"step": self.step},
@@ -280,9 +306,8 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             meta = self.ckpt.load(found, state)
-        parts = [self.master] if self.master is not None else self.model_parts
-        load_model_state_dict(parts, state["model"])
-        load_optimizer_state_dict(parts, [self.optimizer], state["optimizer"])
+        load_model_state_dict(self.opt_parts, state["model"])
+        load_optimizer_state_dict(self.opt_parts, self.optimizers, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         self.step = int(state["train"]["step"])
@@ -339,6 +364,13 @@ class Trainer:
         """Accumulate gradients; returns (global loss, global supervised tokens, tokens)."""
         n_global = self._global_count(sum(self._supervised(mb) for mb in micro_batches))
         denom = max(n_global, 1.0)
+        if self.pipeline is not None:
+            from tunelab.parallel.step import forward_backward
+
+            mbs = [self._to_device(mb) for mb in micro_batches]
+            local = forward_backward(self.pipeline, mbs, n_global)
+            tokens = sum(mb["input_ids"].numel() for mb in mbs)
+            return self._global_loss(local), n_global, tokens * self.dp_size
         total = torch.zeros((), dtype=torch.float32, device=self.device)  # no per-batch sync
         tokens = 0
         for mb in micro_batches:
@@ -361,12 +393,15 @@ class Trainer:
     def _clip(self) -> float:
         from tunelab.parallel.grad import clip_grad_norm_, total_grad_norm
 
-        target = self.master if self.master is not None else self.model
-        params = [p for p in target.parameters() if p.requires_grad]
+        params = [p for part in self.opt_parts for p in part.parameters() if p.requires_grad]
+        pp_group, norm_params = None, None
+        if self.pipeline is not None:
+            pp_group = self.mesh["pp"].get_group()
+            norm_params = [p for p in self.pipeline.norm_parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm > 0:
-            return float(clip_grad_norm_(params, max_norm))
-        return float(total_grad_norm(params))
+            return float(clip_grad_norm_(params, max_norm, pp_group, norm_params))
+        return float(total_grad_norm(norm_params or params, pp_group))
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip and step; returns (grad norm, whether the update was applied)."""
@@ -378,12 +413,18 @@ class Trainer:
         gnorm = self._clip()
         ok = math.isfinite(gnorm)
         if ok:
-            self.optimizer.step()
+            for opt in self.optimizers:
+                opt.step()
             if self.master is not None:
                 self._copy_master_to_model()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
+        self._zero_grad()
         return gnorm, ok
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        for part in self.model_parts:
+            part.zero_grad(set_to_none=True)
 
     def _non_finite(self, loss: float, gnorm: float) -> None:
         last = self.ckpt.latest()
@@ -406,6 +447,8 @@ class Trainer:
             self.dp_rank,
             self.dp_size,
         )
+        if self.pipeline is not None:
+            return self._evaluate_pipeline(rounds)
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64)
         count = 0
@@ -424,6 +467,26 @@ class Trainer:
         total = self._global_loss(loss_sum.float())
         n = self._global_count(count)
         return total / max(n, 1.0), int(n)
+
+    def _evaluate_pipeline(self, rounds) -> tuple[float, int]:
+        # The schedule runs exactly n_microbatches micro-batches: evaluate in such groups
+        # (a short tail group is left out on every rank alike).
+        from tunelab.parallel.step import evaluate
+
+        group_size = self.pipeline.n_microbatches
+        groups, cur = [], []
+        for micro_batches in rounds:
+            cur += micro_batches
+            if len(cur) == group_size:
+                groups.append(cur)
+                cur = []
+        total, count = 0.0, 0.0
+        for group in groups:
+            group = [self._to_device(mb) for mb in group]
+            n = self._global_count(sum(self._supervised(mb) for mb in group))
+            total += self._global_loss(evaluate(self.pipeline, group, n)) * n
+            count += n
+        return total / max(count, 1.0), int(count)
 
     # ---- loop ------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -469,8 +532,7 @@ class Trainer:
                 finite = math.isfinite(loss)
                 gnorm, applied = self._optimizer_step() if finite else (float("nan"), False)
                 if not finite or not applied:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.model.zero_grad(set_to_none=True)
+                    self._zero_grad()
                     if c.train.nan_policy == "stop":
                         self._non_finite(loss, gnorm)
                     skipped_in_row += 1
@@ -548,36 +610,63 @@ class Trainer:
 
     # ---- export ------------------------------------------------------------------------------
     def _full_state(self) -> dict[str, torch.Tensor]:
+        """The whole model as plain CPU tensors on rank 0 (collective; {} on other ranks)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        src = self.master if self.master is not None else self.model
         if self.mesh is None:
+            src = self.master if self.master is not None else self.model
             return {_clean(k): v for k, v in src.state_dict().items()}
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(src, options=opts)
+        if self.pipeline is None:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.model, options=opts)
+        # Pipeline: each pp rank gathers its stages (over dp / tp), then rank 0 collects them.
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        mine: dict[str, torch.Tensor] = {}
+        for part in self.model_parts:
+            part_sd = get_model_state_dict(part, options=opts)
+            mine.update({k: v.detach().cpu() for k, v in part_sd.items()})
+        lead = self.dp_rank == 0 and self.mesh["tp"].get_local_rank() == 0
+        gathered: list[dict] | None = [{} for _ in range(self.world_size)] if self.is_main else None
+        dist.gather_object(mine if lead else {}, gathered, dst=0)
+        out: dict[str, torch.Tensor] = {}
+        for sd in gathered or []:
+            out.update(sd)
+        return out
 
     def _export(self) -> None:
         c = self.cfg
         if self.lora_spec is not None:
-            from tunelab.model.lora import save_peft_adapter
+            from tunelab.model.lora import lora_state_dict, save_peft_adapter
+            from tunelab.model.lora_peft import write_peft_adapter
 
-            if self.is_main:
+            adapter_dir = self.out / "adapter"
+            if self.mesh is None:
                 save_peft_adapter(
                     self.model,
                     self.lora_spec,
-                    self.out / "adapter",
+                    adapter_dir,
                     base_model_name_or_path=c.model.path,
                     tokenizer_dir=self.tokenizer_dir,
                 )
+            else:  # lora_state_dict gathers sharded adapters: every rank takes part
+                from tunelab.model.lora import lora_layers
+                from tunelab.model.lora_peft import _peft_target_modules, peft_config_dict
+
+                state = lora_state_dict(self.model)
+                if self.is_main:
+                    layers = lora_layers(self.model)
+                    targets = _peft_target_modules(self.model, list(layers))
+                    config = peft_config_dict(self.lora_spec, targets, c.model.path, layers)
+                    write_peft_adapter(state, config, adapter_dir, self.tokenizer_dir)
         if not c.export_hf():
             return
         from tunelab.model.hf import save_hf
 
         state = self._full_state()
-        if self.lora_spec is not None:  # hf/ of the base model, adapters left out
-            state = {k: v for k, v in state.items() if ".lora_" not in k}
         if not self.is_main:
             return
+        if self.lora_spec is not None:  # hf/ of the base model, adapters left out
+            state = {k: v for k, v in state.items() if ".lora_" not in k}
         dtype = c.model.export_dtype
         if dtype == "auto":
             dtype = self.model_config.torch_dtype or "float32"
