@@ -74,30 +74,34 @@ def test_megatron_core_tensor_parallel_tp2(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (2, 12))
     jobs, produce, expected = [], [], {}
-    for family in ("qwen2", "qwen3", "llama2"):
-        overrides = {**INIT, "num_hidden_layers": 4}
-        hf_dir = save_tiny_hf_model(tmp_path / family / "hf", family, seed=1, **overrides)
-        mg = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / family / "mg", tp=2, pp=2,
+    # qwen2_gqa: 12 heads in 4 groups of 3, two groups per TP rank
+    gqa = dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=4)
+    cases = {"qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "llama2": ("llama2", {}),
+             "qwen2_gqa": ("qwen2_untied", gqa)}  # fmt: skip
+    for name, (family, extra) in cases.items():
+        overrides = {**INIT, "num_hidden_layers": 4, **extra}
+        hf_dir = save_tiny_hf_model(tmp_path / name / "hf", family, seed=1, **overrides)
+        mg = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / name / "mg", tp=2, pp=2,
                                     progress=False))  # fmt: skip
-        jobs.append((str(mg), str(tmp_path / f"{family}.pt")))
+        jobs.append((str(mg), str(tmp_path / f"{name}.pt")))
         with torch.no_grad():
-            expected[family] = tiny_hf_model(family, seed=1, **overrides)(ids).logits
-        template = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / family / "tp2", tp=2,
+            expected[name] = tiny_hf_model(family, seed=1, **overrides)(ids).logits
+        template = convert(ConvertOptions("hf", "mg", hf_dir, tmp_path / name / "tp2", tp=2,
                                           progress=False))  # fmt: skip
-        produce.append((str(template), str(tmp_path / family / "by_megatron"),
-                        str(tmp_path / f"{family}_megatron.pt")))  # fmt: skip
+        produce.append((str(template), str(tmp_path / name / "by_megatron"),
+                        str(tmp_path / f"{name}_megatron.pt")))  # fmt: skip
     torch.save({"input_ids": ids, "jobs": jobs, "produce": produce}, tmp_path / "jobs.pt")
     run_megatron(tmp_path / "jobs.pt", world_size=2)
-    for family, want in expected.items():
-        got = megatron_logits(tmp_path / f"{family}.pt", tp=2)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=family)
+    for name, want in expected.items():
+        got = megatron_logits(tmp_path / f"{name}.pt", tp=2)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
         # Megatron's own checkpoint -> HF -> transformers
-        out = convert(ConvertOptions("mg", "hf", tmp_path / family / "by_megatron",
-                                     save_hf_dir=tmp_path / family / "from_megatron",
+        out = convert(ConvertOptions("mg", "hf", tmp_path / name / "by_megatron",
+                                     save_hf_dir=tmp_path / name / "from_megatron",
                                      progress=False))  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager")
         with torch.no_grad():
             hf_logits = model.eval()(ids).logits
-        mg_logits = megatron_logits(tmp_path / f"{family}_megatron.pt", tp=2)
+        mg_logits = megatron_logits(tmp_path / f"{name}_megatron.pt", tp=2)
         assert mg_logits.std() > 0.5  # a real model, not near-zero outputs
-        torch.testing.assert_close(hf_logits, mg_logits, rtol=1e-4, atol=1e-4, msg=family)
+        torch.testing.assert_close(hf_logits, mg_logits, rtol=1e-4, atol=1e-4, msg=name)
