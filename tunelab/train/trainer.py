@@ -195,14 +195,25 @@ class Trainer:
             )
             base_dtype = _dtype(c.lora.base_dtype) if c.lora.base_dtype else None
             if c.lora.load:
-                load_peft_adapter(model, c.lora.load)
-                if base_dtype is not None:
-                    logger.warning("lora.base_dtype is ignored when lora.load is set")
+                # the adapter's own ranks / alphas / targets win over the lora section's
+                self.lora_spec = load_peft_adapter(model, c.lora.load, base_dtype=base_dtype)
+                if self.lora_spec.r != c.lora.r:
+                    logger.warning(
+                        "lora.load %s has r=%d; lora.r=%d is ignored",
+                        c.lora.load,
+                        self.lora_spec.r,
+                        c.lora.r,
+                    )
             else:
                 apply_lora(model, self.lora_spec, base_dtype=base_dtype)
         model.train()
         # Pure bf16: the model computes in bf16; an fp32 copy is what the optimizer updates.
         self.master = None
+        # Under torchrun, pure bf16 is FSDP's bf16 parameters over fp32 shards (the same
+        # fp32-master arithmetic, sharded), i.e. the bf16-mixed policy.
+        self.precision = c.train.precision
+        if self.mesh is not None and self.precision == "bf16":
+            self.precision = "bf16-mixed"
         if c.train.precision == "bf16" and self.mesh is None:
             import copy
 
@@ -218,13 +229,13 @@ class Trainer:
                 c.parallel,
                 c.grad_accum_steps(self.world_size),
                 self.device,
-                precision=c.train.precision,
+                precision=self.precision,
             )
             self.model_parts = list(self.pipeline.model_parts)
         else:
             from tunelab.parallel.parallelize import parallelize
 
-            parallelize(model, c.parallel, self.mesh, precision=c.train.precision)
+            parallelize(model, c.parallel, self.mesh, precision=self.precision)
             self.model_parts = [model]
         self.model = model  # the whole model (under pp: the unsplit one, for names only)
         self.flops_per_token = self.model_config.flops_per_token(c.data.seq_length)
@@ -347,7 +358,8 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.train.precision == "bf16-mixed" and self.mesh is None:
+        # With FSDP (dp > 1) the bf16 compute comes from its mixed-precision policy instead.
+        if self.precision == "bf16-mixed" and self.dp_size == 1:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -368,7 +380,8 @@ class Trainer:
             from tunelab.parallel.step import forward_backward
 
             mbs = [self._to_device(mb) for mb in micro_batches]
-            local = forward_backward(self.pipeline, mbs, n_global)
+            with self._autocast():
+                local = forward_backward(self.pipeline, mbs, n_global)
             tokens = sum(mb["input_ids"].numel() for mb in mbs)
             return self._global_loss(local), n_global, tokens * self.dp_size
         total = torch.zeros((), dtype=torch.float32, device=self.device)  # no per-batch sync
@@ -484,7 +497,9 @@ class Trainer:
         for group in groups:
             group = [self._to_device(mb) for mb in group]
             n = self._global_count(sum(self._supervised(mb) for mb in group))
-            total += self._global_loss(evaluate(self.pipeline, group, n)) * n
+            with self._autocast():
+                share = evaluate(self.pipeline, group, n)
+            total += self._global_loss(share) * n
             count += n
         return total / max(count, 1.0), int(count)
 
