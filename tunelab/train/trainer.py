@@ -539,6 +539,8 @@ class Trainer:
         self._log_sample()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         skipped_in_row = 0
+        if self.step >= c.train.steps:
+            logger.info("already at step %d of %d: only exporting", self.step, c.train.steps)
         try:
             while self.step < c.train.steps:
                 t0 = time.perf_counter()
