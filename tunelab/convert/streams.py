@@ -66,9 +66,9 @@ def iter_hf_source(load_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, torc
     pipeline stages complete, and are written and freed, as early as possible."""
     from safetensors import safe_open
 
-    from tunelab.model.hf import _weight_files  # resolves single file / index + shards
+    from tunelab.model.hf import weight_files  # resolves single file / index + shards
 
-    for path in _weight_files(Path(load_dir)):
+    for path in weight_files(Path(load_dir)):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in sorted(f.keys(), key=_model_order):
                 if name.endswith("rotary_emb.inv_freq"):

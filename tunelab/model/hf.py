@@ -51,7 +51,8 @@ def to_torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[normalize_dtype_name(dtype)]
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of an HF directory: the index's shards, or the single file."""
     index = model_dir / SAFE_INDEX
     if index.is_file():
         try:
@@ -81,7 +82,7 @@ def iter_hf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` from every safetensors file of ``model_dir`` (one at a time).
     ``progress``: a tqdm bar over shard files (shown on a terminal only)."""
-    files = _weight_files(Path(model_dir))
+    files = weight_files(Path(model_dir))
     if progress and len(files) > 1:
         files = tqdm(files, desc="Loading shards", unit="file", disable=None)
     for path in files:
@@ -158,7 +159,7 @@ def load_model(
     ``torch_dtype``/``dtype``, else the stored tensors')."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_hf(model_dir)
-    _weight_files(model_dir)  # fail early, before allocating anything
+    weight_files(model_dir)  # fail early, before allocating anything
     torch_dtype = (
         to_torch_dtype(dtype) or to_torch_dtype(cfg.torch_dtype) or _stored_dtype(model_dir)
     )
