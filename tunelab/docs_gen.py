@@ -60,7 +60,10 @@ def _flag_names(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
-    if action.required:
+    if not action.option_strings:  # positional: argparse marks REMAINDER / '*' as required
+        if action.nargs not in ("?", "*", argparse.REMAINDER):
+            return "required"
+    elif action.required:
         return "required"
     if action.nargs == 0:  # store_true / store_false / version
         return ""
@@ -87,12 +90,11 @@ def flags_block(verb: str, parser: argparse.ArgumentParser) -> str:
         actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
         if not actions:
             continue
-        title = group.title or ""
-        if title not in ("options", "optional arguments", "positional arguments"):
-            lines += [
-                "",
-                f"**{title}**" + (f": {_cell(group.description)}" if group.description else ""),
-            ]
+        title = {"positional arguments": "arguments", "optional arguments": "options"}.get(
+            group.title or "", group.title or "options"
+        )
+        desc = f": {_cell(group.description)}" if group.description else ""
+        lines += ["", f"**{title}**{desc}"]
         lines += ["", "| flag | default | meaning |", "|---|---|---|"]
         for a in actions:
             lines.append(f"| {_flag_names(a)} | {_default(a)} | {_description(a)} |")
