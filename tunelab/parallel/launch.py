@@ -76,7 +76,16 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
         backend = "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        timeout = timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # After `torchrun --max-restarts` restarts the workers, the rendezvous store can still
+        # hold the dead workers' gloo addresses under the same keys; a restarted rank would
+        # connect to them and fail. Keys of each attempt get their own prefix.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"tunelab/attempt_{attempt}/", store)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs
+        )
     logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
     return DistEnv(rank, local_rank, world, dev, backend)
 
