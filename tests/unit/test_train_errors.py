@@ -55,6 +55,10 @@ def test_config_errors_reach_the_cli(tmp_path, tiny_hf_dir, sft, capsys):
     assert "train.global_batch_size (3)" in capsys.readouterr().err
     assert main(["train", str(cfg), "--train.steps=many"]) == 2
     assert "train.steps: expected an integer" in capsys.readouterr().err
+    # overrides only (no file), --print-config anywhere, -h
+    assert main(["train", f"--model.path={tiny_hf_dir}", "--print-config", "--lr", "5e-4"]) == 0
+    assert "lr: 0.0005" in capsys.readouterr().out
+    assert main(["train", "-h"]) == 0 and "--section.key=value" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="tensor_model_parallel_size|parallel.tp"):
         Trainer(run_config(tmp_path / "o", tiny_hf_dir, sft, "--tensor_model_parallel_size=2"))
 

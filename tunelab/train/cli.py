@@ -1,4 +1,4 @@
-"""`tunelab train CONFIG.yaml [--section.key=value ...]`: pretrain, fine-tune or LoRA-tune."""
+"""`tunelab train [CONFIG.yaml] [--section.key=value ...]`: pretrain, fine-tune or LoRA-tune."""
 
 from __future__ import annotations
 
@@ -19,21 +19,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config (defaults + file + overrides) and exit",
     )
+    # Every `--key` is a config override, which argparse cannot know in advance: nothing is
+    # parsed as an option here (main() handles -h / --print-config), so overrides may also
+    # come first, without a config file.
+    p.prefix_chars = "+"
+    p.set_defaults(train_parser=p)
 
 
 def main(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
 
-    overrides = list(args.overrides or [])
-    config = args.config
-    if config is not None and config.startswith("--"):  # only overrides, no file
-        overrides.insert(0, config)
-        config = None
-    if "--print-config" in overrides:
-        overrides.remove("--print-config")
-        args.print_config = True
-    cfg = load_config(config, overrides)
-    if args.print_config:
+    items = ([args.config] if args.config is not None else []) + list(args.overrides or [])
+    if "-h" in items or "--help" in items:
+        args.train_parser.print_help()
+        return 0
+    print_config = bool(getattr(args, "print_config", False))
+    if "--print-config" in items:
+        items.remove("--print-config")
+        print_config = True
+    config = items.pop(0) if items and not items[0].startswith("-") else None
+    cfg = load_config(config, items)
+    if print_config:
         print(cfg.to_yaml(), end="")
         return 0
     from tunelab.parallel.launch import exit_process, launched_by_torchrun
