@@ -24,6 +24,11 @@ def test_packed_row_length_must_match_seq_length(tmp_path, tiny_hf_dir):
         Trainer(run_config(tmp_path / "o", tiny_hf_dir, data, "--data.seq_length=48"))
 
 
+def test_forcing_packed_on_rows_of_several_lengths(tmp_path, tiny_hf_dir, sft):
+    with pytest.raises(DataError, match=r"data.packed=true but the rows.*lengths \d+\.\.\d+"):
+        Trainer(run_config(tmp_path / "o", tiny_hf_dir, sft, "--data.packed=true"))
+
+
 def test_token_ids_outside_vocab(tmp_path, tiny_hf_dir):
     rows = random_sft_rows(4, seed=0)
     rows[2][0][1] = 700  # the tiny model has 512 ids

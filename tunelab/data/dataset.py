@@ -182,6 +182,12 @@ class SFTSource:
         same = len(lengths) > 0 and bool((lengths == lengths[0]).all())
         self.packed = same if packed == "auto" else packed == "true"
         self.row_length = int(lengths[0]) if same else None
+        if self.packed and not same:
+            raise DataError(
+                f"data.packed=true but the rows of {prefix!r} have lengths "
+                f"{int(lengths.min())}..{int(lengths.max())}; packed rows all have one length. "
+                "Use data.packed=auto (or false) for non-packed data, or preprocess with --pack"
+            )
 
     def __len__(self) -> int:
         return len(self.rows)
