@@ -393,6 +393,16 @@ def check_sources(sources: Sequence, vocab_size: int, seq_length: int) -> None:
                     f"or re-run `tunelab preprocess --pack --seq-length {seq_length}`"
                 )
             ids, labels = src.fields["input_ids"], src.fields["labels"]
+            long = int((ids.sizes[src.rows] > seq_length).sum()) if len(src.rows) else 0
+            if long and not src.packed:
+                logger.warning(
+                    "%s: %d of %d rows are longer than data.seq_length=%d and are cut at it "
+                    "(raise seq_length or filter them in preprocess with --seq-length)",
+                    src.prefix,
+                    long,
+                    len(src.rows),
+                    seq_length,
+                )
             mx, mn = _max_min(ids)
             lmx, lmn = _max_min(labels)
             where = f"{ids.prefix}.bin"
