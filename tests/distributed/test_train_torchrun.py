@@ -4,6 +4,7 @@ SFT on packed multi-document rows of a tiny Qwen2 model; constant LR so that a r
 (train.steps 2, then 4) follows the same schedule as the uninterrupted one.
 - FSDP 2 for two steps, then resumed under TP 2 (DCP resharding) for two more: the losses of
   all four steps equal the single-process run; the same checkpoint resumed in one process too.
+- PP 2 (interleaved) for two steps, resumed under FSDP 2: the same four losses.
 - FSDP 2 x TP 2 on 4 ranks: the same four losses.
 - A worker SIGKILLed mid-run under `torchrun --max-restarts=1`: the job restarts, resumes from
   the newest complete checkpoint, and ends with the uninterrupted losses (no data lost or
@@ -123,6 +124,20 @@ def test_fsdp_then_resume_under_tp_and_one_process(setup, tmp_path):
     # The FSDP-sharded checkpoint, resumed by one plain process.
     assert cli(["train", str(cfg), f"--train.output_dir={single}"]) == 0
     assert_same(losses(single), ref)
+
+
+def test_pipeline_then_resume_under_fsdp(setup, tmp_path):
+    """PP 2 (interleaved, 2 virtual stages of one layer each) for two steps, resumed under
+    FSDP 2: a pipeline checkpoint (each rank its stages) reshards to a sharded layout."""
+    cfg, ref = setup
+    run = tmp_path / "run"
+    torchrun(
+        "-m", "tunelab", "train", str(cfg), f"--train.output_dir={run}", "--train.steps=2",
+        "--parallel.pp=2", "--parallel.virtual_stages=2",
+    )  # fmt: skip
+    proc = torchrun("-m", "tunelab", "train", str(cfg), f"--train.output_dir={run}")
+    assert "resumed from" in proc.stderr and "step-2" in proc.stderr
+    assert_same(losses(run), ref)
 
 
 @pytest.mark.slow
