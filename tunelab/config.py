@@ -187,6 +187,8 @@ ALIASES: dict[str, tuple[str, str, Callable[[Any], Any] | None]] = {
     "tokenizer_path": ("data", "tokenizer", None),
     "is_instruction_dataset": ("data", "mode", lambda v: "sft" if _not(_not(v)) else "pretrain"),
     "no_shuffle": ("data", "shuffle", _not),
+    "no_pad_to_seq_lengths": ("data", "variable_seq_lengths", None),
+    "reset_attention_mask": ("data", "reset_position_ids", None),
     "save": ("train", "output_dir", None),
     "train_iters": ("train", "steps", None),
     "max_steps": ("train", "steps", None),
