@@ -113,9 +113,14 @@ class ParallelSection:
     sequence_parallel: bool = True  # with tp > 1: shard norms / dropout along the sequence
     num_layer_list: list[int] | None = None  # uneven pipeline split, e.g. [16, 16]
     virtual_stages: int = 1  # pipeline stages per rank (interleaved schedule when > 1)
-    pp_schedule: str = field(default="1f1b", metadata=_choices("1f1b", "gpipe", "interleaved1f1b"))
+    # 1F1B, GPipe, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble; None picks 1F1B, or
+    # Interleaved1F1B when virtual_stages > 1
+    pp_schedule: str | None = None
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile each block
+    param_dtype: str | None = None  # FSDP compute dtype (default: from train.precision)
+    reduce_dtype: str | None = None  # FSDP gradient-reduction dtype (default float32)
+    reshard_after_forward: bool | None = None  # FSDP: free gathered params after forward
 
 
 @dataclass
