@@ -365,7 +365,14 @@ def eval_batches(
 # ---- pre-flight checks ---------------------------------------------------------------------
 
 
+FULL_SCAN_ELEMENTS = 1 << 28  # larger token files are checked on evenly spread samples
+_CHUNK = 1 << 22
+
+
 def _max_min(ds: IndexedDataset, rows: np.ndarray | None = None) -> tuple[int, int]:
+    """Largest and smallest token id (all of a file up to FULL_SCAN_ELEMENTS, else 64
+    evenly spread chunks: a wrong tokenizer shows up everywhere, and a full pass over a
+    100-GB corpus at every start would cost minutes)."""
     data = np.frombuffer(ds._bin, ds.dtype) if len(ds) else np.zeros(0, ds.dtype)
     if rows is not None and len(rows) < len(ds):
         if len(rows) == 0:
@@ -375,9 +382,14 @@ def _max_min(ds: IndexedDataset, rows: np.ndarray | None = None) -> tuple[int, i
         data = data[lo:hi]
     if data.size == 0:
         return 0, 0
+    if data.size <= FULL_SCAN_ELEMENTS:
+        starts = range(0, data.size, _CHUNK)
+    else:
+        logger.info("%s.bin: checking token ids on 64 samples of the file", ds.prefix)
+        starts = np.linspace(0, data.size - _CHUNK, 64).astype(np.int64).tolist()
     mx, mn = -(2**62), 2**62
-    for c in range(0, data.size, 1 << 24):  # chunked: never a full int64 copy of the file
-        part = data[c : c + (1 << 24)]
+    for c in starts:  # chunked: never a full int64 copy of the file
+        part = data[c : c + _CHUNK]
         mx, mn = max(mx, int(part.max())), min(mn, int(part.min()))
     return mx, mn
 
