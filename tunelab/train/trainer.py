@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from tunelab.config import RunConfig, parse_blend, parse_split
 from tunelab.data import dataset as ds
-from tunelab.errors import CheckpointError, ConfigError, TunelabError
+from tunelab.errors import CheckpointError, ConfigError, DataError, TunelabError
 from tunelab.train.checkpoint import CheckpointManager
 from tunelab.train.metrics import MetricsLogger, memory_gib, peak_flops
 from tunelab.train.optim import LRSchedule, Scheduler, build_optimizer
@@ -264,6 +264,14 @@ class Trainer:
         else:
             m = None
         self.collate = ds.Collator(c.data.seq_length, self.pad_id, m)
+        num_eval = sum(len(s) for s in self.eval_sources)
+        if c.train.eval_interval and num_eval < c.train.micro_batch_size * self.dp_size:
+            raise DataError(
+                f"the eval data has {num_eval} rows, fewer than one micro-batch on every "
+                f"data-parallel rank ({c.train.micro_batch_size} x {self.dp_size}); give more "
+                "eval data (data.split's valid share or data.eval_path) or set "
+                "train.eval_interval=0"
+            )
         sampler = ds.BlendedSampler(
             [s for _, s in self.train_sources],
             [w for w, _ in self.train_sources],
