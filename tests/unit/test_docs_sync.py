@@ -107,3 +107,19 @@ def test_flags_named_in_my_pages_exist(page):
             checked += 1
     if page.name in ("README.md", "mindspeed-migration.md"):
         assert checked > 10
+
+
+def test_config_reference_lists_every_key_and_alias():
+    import dataclasses
+
+    from tunelab.config import ALIASES, SECTIONS
+
+    text = (DOCS / "config.md").read_text(encoding="utf-8")
+    for section, cls in SECTIONS.items():
+        start = text.index(f"### `{section}`")
+        end = text.find("\n### ", start + 1)
+        part = text[start : end if end != -1 else None]
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` |" in part, f"docs/config.md: {section}.{f.name} is not listed"
+    for alias in ALIASES:
+        assert f"`{alias}`" in text, f"docs/config.md: alias {alias} is not listed"
