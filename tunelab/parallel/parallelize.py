@@ -9,7 +9,8 @@ Hugging Face keys.
 
 Gradient reduction: the trainer divides the summed loss by the global number of supervised
 tokens (all data-parallel ranks and micro-batches), so gradients must be *summed* across
-data-parallel ranks, not averaged; FSDP's divide factor is set to 1 on every sharded module.
+data-parallel ranks, not averaged; FSDP's divide factor is set to 1 on every sharded module,
+with plain SUM collectives (gloo has no pre-multiplied sum).
 """
 
 from __future__ import annotations

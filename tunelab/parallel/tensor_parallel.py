@@ -8,8 +8,10 @@ replicated DTensors so the partial weight gradients are summed across ranks.
 
 With sequence parallel (default), activations between the matmul regions (norms, residual
 stream) are split along the sequence across the tp ranks inside each stage's run of blocks,
-and gathered just before each column-parallel region; this cuts activation memory by ``tp`` and turns all-reduces into
-reduce-scatter + all-gather of the same total volume.
+and gathered just before each column-parallel region; this cuts activation memory by ``tp``
+and turns all-reduces into reduce-scatter + all-gather of the same total volume. Norms
+outside that region run whole, with replicated DTensor weights, so every parameter of a
+tp-parallel model is a DTensor (foreach / fused optimizers refuse a mix).
 
 The embedding and ``lm_head`` (tied or not) are vocabulary-parallel: each rank holds
 ``V / tp`` rows, and the chunked loss completes log-sum-exp and target logits with
