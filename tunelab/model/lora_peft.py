@@ -40,7 +40,7 @@ ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
 
-def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """Short leaf names when they select exactly ``names``; an exact alternation otherwise."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     by_leaf = [n for n in linear_layer_names(model) if n.rsplit(".", 1)[-1] in leaves]
@@ -132,7 +132,7 @@ def save_peft_adapter(
         raise ConfigError("save_peft_adapter: the model has no LoRA layers (apply_lora first)")
     names = list(layers)
     config = peft_config_dict(
-        spec, _peft_target_modules(model, names), base_model_name_or_path, layers
+        spec, peft_target_modules(model, names), base_model_name_or_path, layers
     )
     return write_peft_adapter(lora_state_dict(model), config, out_dir, tokenizer_dir)
 

@@ -675,12 +675,12 @@ class Trainer:
                 )
             else:  # lora_state_dict gathers sharded adapters: every rank takes part
                 from tunelab.model.lora import lora_layers
-                from tunelab.model.lora_peft import _peft_target_modules, peft_config_dict
+                from tunelab.model.lora_peft import peft_config_dict, peft_target_modules
 
                 state = lora_state_dict(self.model)
                 if self.is_main:
                     layers = lora_layers(self.model)
-                    targets = _peft_target_modules(self.model, list(layers))
+                    targets = peft_target_modules(self.model, list(layers))
                     config = peft_config_dict(self.lora_spec, targets, c.model.path, layers)
                     write_peft_adapter(state, config, adapter_dir, self.tokenizer_dir)
         if not c.export_hf():
