@@ -5,6 +5,7 @@ SFT on packed multi-document rows of a tiny Qwen2 model; constant LR so that a r
 - FSDP 2 for two steps, then resumed under TP 2 (DCP resharding) for two more: the losses of
   all four steps equal the single-process run; the same checkpoint resumed in one process too.
 - PP 2 (interleaved) for two steps, resumed under FSDP 2: the same four losses.
+- LoRA: TP 2 for two steps, resumed under FSDP 2: the same losses and adapter as one process.
 - FSDP 2 x TP 2 on 4 ranks: the same four losses.
 - A worker SIGKILLed mid-run under `torchrun --max-restarts=1`: the job restarts, resumes from
   the newest complete checkpoint, and ends with the uninterrupted losses (no data lost or
@@ -18,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.data import write_jsonl
 from tests.helpers.distributed import torchrun
@@ -138,6 +140,30 @@ def test_pipeline_then_resume_under_fsdp(setup, tmp_path):
     proc = torchrun("-m", "tunelab", "train", str(cfg), f"--train.output_dir={run}")
     assert "resumed from" in proc.stderr and "step-2" in proc.stderr
     assert_same(losses(run), ref)
+
+
+def test_lora_under_tp_then_resume_under_fsdp(setup, tmp_path):
+    """LoRA (issue 6): TP 2 for two steps (adapter shards follow their base layer), resumed
+    under FSDP 2 from the adapter-only checkpoint; losses and the PEFT adapter equal one
+    process's."""
+    from safetensors.torch import load_file
+
+    cfg, _ = setup
+    lora = ["--lora.r=4", "--lora.alpha=8", "--optim.lr=0.05"]
+    reference = tmp_path / "reference"
+    assert cli(["train", str(cfg), f"--train.output_dir={reference}", *lora]) == 0
+    run = tmp_path / "run"
+    torchrun(
+        "-m", "tunelab", "train", str(cfg), f"--train.output_dir={run}", "--train.steps=2",
+        "--parallel.tp=2", *lora,
+    )  # fmt: skip
+    torchrun("-m", "tunelab", "train", str(cfg), f"--train.output_dir={run}", *lora)
+    assert_same(losses(run), losses(reference))
+    ours = load_file(run / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and ours
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-3, atol=2e-5)  # Adam, fp32 noise
 
 
 @pytest.mark.slow
