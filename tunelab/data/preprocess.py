@@ -624,6 +624,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": {f: np.dtype(d).name for f, d in dtypes.items()},
         **{k: v for k, v in asdict(stats).items() if k != "skipped"},
         "skipped_rows": stats.skipped,
+        **({"supervised_tokens": None, "no_supervised_tokens": None} if kind == "pretrain" else {}),
         "packed": bool(args.pack),
         "seq_length": args.seq_length,
         "pack_rows": pack_rows if args.pack else None,
