@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,6 @@ def torchrun(
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "TUNELAB_TEST_DEVICE": "cpu",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
@@ -118,15 +118,31 @@ def torchrun(
         str(script),
         *args,
     ]
+    # On a timeout torchrun gets SIGTERM, on which it stops its workers (they run in their
+    # own sessions, out of reach of a process-group kill); no orphan keeps spinning.
+    popen = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as e:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = popen.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = "(no output: killed)", ""
         raise AssertionError(
             f"torchrun timed out after {timeout}s: {' '.join(cmd)}\n"
-            f"--- stdout ---\n{e.stdout}\n--- stderr ---\n{e.stderr}"
-        ) from e
+            f"--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-12000:]}"
+        ) from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(
             f"torchrun failed (exit {proc.returncode}): {' '.join(cmd)}\n"
