@@ -91,8 +91,9 @@ class ParallelDims:
             if world_size % fixed:
                 raise ConfigError(
                     f"parallel.{fill[0]} = -1 cannot fill the world size {world_size}: the other "
-                    f"degrees multiply to {fixed}, which does not divide it; change "
-                    f"{_layout(raw)} or the number of processes"
+                    f"degrees ({_layout({k: v for k, v in raw.items() if v != -1})}) multiply "
+                    f"to {fixed}, which does not divide it; change them or the number of "
+                    "processes"
                 )
             raw[fill[0]] = world_size // fixed
         elif fixed != world_size:
