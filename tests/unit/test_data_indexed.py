@@ -198,3 +198,15 @@ def test_we_read_megatron_files(tmp_path):
     ob.finalize(str(tmp_path / "same.idx"))
     for ext in ("bin", "idx"):
         assert (tmp_path / f"same.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
+
+
+def test_tokens_view_is_the_whole_bin(tmp_path):
+    b = IndexedDatasetBuilder(str(tmp_path / "t.bin"), dtype=np.uint16)
+    b.add_item(np.array([1, 2, 3]))
+    b.end_document()
+    b.add_item(np.array([4, 5]))
+    b.end_document()
+    b.finalize(str(tmp_path / "t.idx"))
+    ds = IndexedDataset(str(tmp_path / "t"))
+    assert ds.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert not ds.tokens.flags.writeable

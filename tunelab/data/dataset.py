@@ -373,7 +373,7 @@ def _max_min(ds: IndexedDataset, rows: np.ndarray | None = None) -> tuple[int, i
     """Largest and smallest token id (all of a file up to FULL_SCAN_ELEMENTS, else 64
     evenly spread chunks: a wrong tokenizer shows up everywhere, and a full pass over a
     100-GB corpus at every start would cost minutes)."""
-    data = np.frombuffer(ds._bin, ds.dtype) if len(ds) else np.zeros(0, ds.dtype)
+    data = ds.tokens if len(ds) else np.zeros(0, ds.dtype)
     if rows is not None and len(rows) < len(ds):
         if len(rows) == 0:
             return 0, 0

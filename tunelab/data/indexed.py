@@ -142,6 +142,11 @@ class IndexedDataset:
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
 
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every token of the .bin as one read-only array (memory-mapped, not copied)."""
+        return np.frombuffer(self._bin, self.dtype)
+
     def __getitem__(self, idx):
         if isinstance(idx, slice):
             return [self[i] for i in range(*idx.indices(len(self)))]
