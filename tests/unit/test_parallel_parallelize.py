@@ -119,3 +119,12 @@ def test_forward_backward_accumulates_like_one_batch():
     assert global_loss(local, None).item() == pytest.approx(ref_loss, rel=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_compile_with_tensor_parallel_is_refused_by_name():
+    from tunelab.parallel.parallelize import check_options
+
+    check_options({"compile": True}, 1)
+    check_options({"compile": False}, 2)
+    with pytest.raises(ConfigError, match=r"parallel\.compile = true with parallel\.tp > 1"):
+        check_options({"compile": True}, 2)

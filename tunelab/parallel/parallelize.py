@@ -93,6 +93,7 @@ def parallelize(
     Apply LoRA before calling this (wrapper prefixes would hide the target names).
     """
     tp_size = 1 if mesh is None else mesh["tp"].size()
+    check_options(parallel_cfg, tp_size)
     if tp_size > 1:
         from tunelab.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -108,6 +109,18 @@ def parallelize(
     if mesh is not None and dp_size(mesh) > 1:
         apply_fsdp(model, mesh, mixed_precision(parallel_cfg, precision), parallel_cfg)
     return model
+
+
+def check_options(parallel_cfg: Any, tp_size: int) -> None:
+    """Refuse combinations that torch cannot run, before anything is changed."""
+    if tp_size > 1 and _truthy(cfg_get(parallel_cfg, "compile", False)):
+        # Seen with torch 2.13 (gloo, CPU): dynamo fails to trace the tensor-parallel blocks
+        # (DTensor mesh as a fake script object; `_local_tensor` on a plain tensor).
+        raise ConfigError(
+            "parallel.compile = true with parallel.tp > 1 is not supported: torch.compile "
+            "fails on the tensor-parallel blocks in this torch version; set parallel.compile: "
+            "false, or use compile with FSDP / pipeline parallel only (tp: 1)"
+        )
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
