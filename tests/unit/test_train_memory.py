@@ -141,3 +141,18 @@ def test_unknown_precision_and_target():
         estimate_memory(CFG, micro_batch_size=1, seq_length=8, precision="fp8")
     with pytest.raises(ValueError, match="LoRA target"):
         lora_param_count(CFG, 8, ["nope"])
+
+
+def test_trainer_logs_the_estimate(tmp_path, tiny_hf_dir, caplog):
+    import logging
+
+    from tests.helpers.train import random_sft_rows, run_config, write_sft
+    from tunelab.train.trainer import Trainer
+
+    data = write_sft(tmp_path / "d", random_sft_rows(4, seed=1, lo=6, hi=20))
+    cfg = run_config(tmp_path / "run", tiny_hf_dir, data, "--train.steps=1",
+                     "--checkpoint.save_final=false", "--checkpoint.export_hf=false")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="tunelab.train.trainer"):
+        Trainer(cfg).train()
+    lines = [r.getMessage() for r in caplog.records if "memory estimate" in r.getMessage()]
+    assert len(lines) == 1 and "parameters" in lines[0] and "activations" in lines[0]

@@ -527,6 +527,34 @@ class Trainer:
         text = ds.render_sample(row, self.tokenizer)
         logger.info("training sample (supervised spans in [[ ]]):\n%s", text)
 
+    def _log_memory_estimate(self) -> None:
+        """Log tunelab.train.memory's estimate for this process before the first step."""
+        if not self.is_main:
+            return
+        from tunelab.train.memory import estimate_memory, summary
+
+        c = self.cfg
+        lora_params = None
+        if self.lora_spec is not None:
+            lora_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        shards = 1
+        if self.mesh is not None:
+            shards = self.dims.dp_shard * self.dims.tp * self.dims.pp
+        est = estimate_memory(
+            self.model_config,
+            micro_batch_size=c.train.micro_batch_size,
+            seq_length=c.data.seq_length,
+            precision=self.precision,
+            activation_checkpointing=bool(c.parallel.activation_checkpointing),
+            lora_params=lora_params,
+            lora_rank=c.lora.r or 16,
+            lora_base_dtype=c.lora.base_dtype,
+            device_type=self.device.type,
+            model_shards=shards,
+            tp=self.dims.tp if self.mesh is not None else 1,
+        )
+        logger.info("%s", summary(est))
+
     def train(self) -> TrainResult:
         c = self.cfg
         result = TrainResult(last_step=self.step)
@@ -544,6 +572,7 @@ class Trainer:
             enabled=self.is_main,
         )
         peak = peak_flops(self.device, c.logging.peak_tflops)
+        self._log_memory_estimate()
         self._log_sample()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         skipped_in_row = 0
