@@ -449,6 +449,8 @@ def ratio_table(rows: list[dict]) -> str:
         a, b = t["tunelab"], t["hf"]
 
         def ratio(key, a=a, b=b):
+            if key == "peak_mem_gib" and a["peak_mem_kind"] != "cuda_max_allocated":
+                return "-"  # an RSS rise of a tiny model says nothing about its footprint
             return f"{a[key] / b[key]:.2f}x" if b[key] else "n/a"
 
         lines.append(f"{wl:<20} {regime:<6} {ratio('tokens_per_s'):>12} "
