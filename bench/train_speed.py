@@ -231,13 +231,17 @@ def build_hf(shape: dict, w: Workload, device, seed: int):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(shape), attn_implementation="sdpa")
+    # LoRA on CUDA: a bf16 base, as LLaMA-Factory loads it; built on the device directly
+    # (a 7B model's random init on the CPU takes minutes).
+    dtype = torch.bfloat16 if (w.mode == "lora" and device.type == "cuda") else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            hf_config(shape), attn_implementation="sdpa", dtype=dtype
+        )
     model.config.use_cache = False
     if w.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        if device.type == "cuda":
-            model.to(torch.bfloat16)
         lcfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, lcfg)  # adapters come out fp32 (autocast_adapter_dtype)
@@ -344,8 +348,10 @@ def measure(tool: str, w: Workload, shape: dict, regime: str, batches: list[dict
     free(device)
     sampler = RssSampler() if device.type != "cuda" else None
     mem_base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    est = None
     if tool == "tunelab":
-        _, model, opt = build_tunelab(shape, w, device, args.seed)
+        cfg, model, opt = build_tunelab(shape, w, device, args.seed)
+        est = tunelab_estimate(cfg, model, w, batches[0], precision, device)
         step = functools.partial(tunelab_step, model, opt, device=device, precision=precision)
     else:
         model, runner, opt = build_hf(shape, w, device, args.seed)
@@ -375,12 +381,13 @@ def measure(tool: str, w: Workload, shape: dict, regime: str, batches: list[dict
     real = sum(b["real"] for b in timed)
     sup = sum(b["sup"] for b in timed)
     width = timed[0]["input_ids"].shape[1] if regime == "fixed" else args.seq
-    cfg = ModelConfig.from_hf({**QWEN, **shape})
     if regime == "fixed":
         flops_tps, attn_len = tokens / secs, width
     else:
         flops_tps, attn_len = real / secs, args.mean_doc_len
-    flops = cfg.flops_per_token(int(round(attn_len))) * (2 / 3 if w.mode == "lora" else 1)
+    flops = ModelConfig.from_hf({**QWEN, **shape}).flops_per_token(int(round(attn_len))) * (
+        2 / 3 if w.mode == "lora" else 1
+    )
     peak_flops = peak_flops_of(device, args.peak_tflops)
     return {
         "tool": tool, "workload": w.name, "model": w.model + ("-tiny" if args.tiny else ""),
@@ -392,7 +399,28 @@ def measure(tool: str, w: Workload, shape: dict, regime: str, batches: list[dict
         "supervised_tokens_per_s": round(sup / secs, 1),
         "mfu": None if peak_flops is None else round(flops_tps * flops / peak_flops, 4),
         "peak_mem_gib": round(peak / 2**30, 4), "peak_mem_kind": kind, "device": device_name(device),
+        # tunelab.train.memory's estimate (what the trainer logs); compare on CUDA only
+        "estimated_mem_gib": None if est is None else round(est / 2**30, 4),
     }  # fmt: skip
+
+
+def tunelab_estimate(cfg, model, w: Workload, batch: dict, precision: str, device) -> int:
+    from tunelab.train.memory import estimate_memory
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    est = estimate_memory(
+        cfg,
+        micro_batch_size=batch["input_ids"].shape[0],
+        seq_length=batch["input_ids"].shape[1],
+        precision=precision,
+        activation_checkpointing=w.ac,
+        lora_params=trainable if w.mode == "lora" else None,
+        lora_rank=LORA_R,
+        lora_base_dtype="bfloat16" if (w.mode == "lora" and device.type == "cuda") else None,
+        packed=batch["position_ids"] is not None,
+        device_type=device.type,
+    )
+    return est["total"]
 
 
 def peak_flops_of(device, tflops: float | None) -> float | None:
