@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--regimes", default="fixed,sft")
     p.add_argument("--seq", type=int, default=None, help="default 2048 (tiny: 128)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20, tiny 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20, tiny 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5, tiny 1)")
     p.add_argument(
         "--loss-steps",
@@ -513,20 +513,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU on unknown devices")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (tiny CPU default: 1)"
+    )
     args = p.parse_args(argv)  # fmt: skip
 
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if args.tiny is None:
         args.tiny = not cuda
+    if args.threads is None and args.tiny and not cuda:
+        # Tiny matmuls gain nothing from threads, and on a shared CPU OpenMP workers stall
+        # for up to a second per step whenever another process holds a core.
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.seq = args.seq or (128 if args.tiny else 2048)
-    args.steps = args.steps or (2 if args.tiny else 20)
+    args.steps = args.steps or (3 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     if args.loss_steps is None:
         args.loss_steps = 5 if args.tiny else 50
