@@ -200,31 +200,6 @@ def estimate_memory(
     }
 
 
-def estimate_for_run(
-    run_cfg: Any, model_cfg: ModelConfig, lora_params: int | None = None, device_type="cuda"
-) -> dict[str, Any]:
-    """:func:`estimate_memory` for a :class:`tunelab.config.RunConfig` (one process of it)."""
-    par = run_cfg.parallel
-    tp, pp = max(1, int(par.tp)), max(1, int(par.pp))
-    shard = max(1, int(par.dp_shard)) if par.dp_shard and par.dp_shard > 0 else 1
-    precision = run_cfg.train.precision
-    if shard * tp * pp > 1 and precision == "bf16":
-        precision = "bf16-mixed"  # what the trainer runs under torchrun
-    return estimate_memory(
-        model_cfg,
-        micro_batch_size=run_cfg.train.micro_batch_size,
-        seq_length=run_cfg.data.seq_length,
-        precision=precision,
-        activation_checkpointing=bool(par.activation_checkpointing),
-        lora_params=lora_params,
-        lora_rank=int(run_cfg.lora.r or 16),
-        lora_base_dtype=run_cfg.lora.base_dtype,
-        device_type=device_type,
-        model_shards=shard * tp * pp,
-        tp=tp,
-    )
-
-
 def summary(est: dict[str, Any]) -> str:
     """One line: ``memory estimate: 12.3 GiB = params 1.8 + grads 1.8 + ...``."""
 
