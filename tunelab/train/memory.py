@@ -75,8 +75,9 @@ def _layer_bytes_per_token(
     q, kv = heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     a, res = p.compute, p.residual
     # Two RMSNorms: the fp32 input (a copy unless already fp32), the normalized value before
-    # the weight, and the output (both in the residual dtype).
-    norms = 2 * (4 * h + 2 * res * h + 4)
+    # the weight (only kept when the weight trains, i.e. not under LoRA), and the output.
+    pre = 0 if lora is not None else res * h
+    norms = 2 * (4 * h + pre + res * h + 4)
     if p.cast_copies:  # each consuming linear casts the fp32 norm output to bf16
         norms += 3 * 2 * h + 2 * 2 * h
     if cfg.qk_norm:
@@ -169,12 +170,12 @@ def estimate_memory(
         layers = L * per_layer
     h, V = cfg.hidden_size, cfg.vocab_size
     rope = 2 * p.residual * cfg.head_dim * tokens  # cos / sin, shared by all layers
-    final_norm = (4 + p.residual) * h * tokens
+    final_norm = (4 + (0 if lora else p.residual)) * h * tokens
     chunk = int(loss_chunk_size or default_chunk_size(V))
     loss = (
         p.compute * h * tokens  # the hidden gradient per supervised token
         + 8 * tokens  # indices of supervised tokens
-        + 4 * V * h  # fp32 output-head gradient accumulated over chunks
+        + (0 if lora else 4 * V * h)  # fp32 output-head gradient (the head is frozen in LoRA)
         + 4 * min(chunk, tokens) * V  # one fp32 logits chunk (transient)
     )
     mask = tokens * s if (packed and cuda) else 0  # bool [B, 1, S, S], once
