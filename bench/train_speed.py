@@ -211,16 +211,17 @@ def build_tunelab(shape: dict, w: Workload, device, seed: int, hf_state=None):
     from tunelab.train.optim import build_optimizer
 
     cfg = ModelConfig.from_hf({**QWEN, **shape})
-    model = build_from_scratch(cfg, seed, torch.float32, device)
+    lora_base = torch.bfloat16 if (w.mode == "lora" and device.type == "cuda") else None
+    # a LoRA base is built in bf16 directly (no transient fp32 copy of a 7B model)
+    model = build_from_scratch(cfg, seed, lora_base or torch.float32, device)
     if hf_state is not None:  # same names as HF: the loss-agreement check
         missing, unexpected = model.load_state_dict(hf_state, strict=False)
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise RuntimeError(f"state dict mismatch: {missing} {unexpected}")
         model.tie_weights()
     if w.mode == "lora":
-        base = torch.bfloat16 if device.type == "cuda" else None
         apply_lora(model, LoraSpec(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear"),
-                   base_dtype=base)  # fmt: skip
+                   base_dtype=lora_base)  # fmt: skip
     model.train()
     parallelize(model, {"activation_checkpointing": w.ac, "compile": w.compile})
     opt = build_optimizer(model, OptimSection(lr=LR, weight_decay=WEIGHT_DECAY))
@@ -358,6 +359,9 @@ def measure(tool: str, w: Workload, shape: dict, regime: str, batches: list[dict
         step = functools.partial(hf_step, runner, model, opt, device=device, precision=precision)
     del model, opt
 
+    if device.type == "cuda":  # the peak of training, not of building (resident model kept)
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
     need = args.warmup + args.steps
     if len(batches) < need:
         raise SystemExit(f"{regime}: only {len(batches)} batches for {need} steps")
