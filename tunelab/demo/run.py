@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="full (default, a few minutes on 2 CPU cores) or quick (CI, ~1 minute)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="same as --size quick")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for PyTorch (default 1: the demo's matrices are too small "
+                        "to gain from more, and extra threads spin when the CPU is shared)")  # fmt: skip
 
 
 def prepare_dir(out: Path) -> Path:
@@ -132,8 +135,12 @@ class Demo:
         train, heldout = T.make_split(ALL_TASKS, s.num_train, s.num_heldout, self.seed)
         self.train_examples, self.heldout = train, heldout
         sft = [T.to_alpaca(e) for e in train if e.task in SFT_TASKS]
-        lora = [T.to_sharegpt(e) for e in train if e.task in LORA_TASKS]
-        pretrain = [T.to_pretrain_text(e) for e in train]
+        # The LoRA rows replay a quarter as many SFT-task rows: trained on the new task alone,
+        # the adapter would answer every question the new way.
+        new = [e for e in train if e.task in LORA_TASKS]
+        replay = [e for e in train if e.task in SFT_TASKS][: len(new) // 4]
+        lora = [T.to_sharegpt(e) for e in new + replay]
+        pretrain = [T.to_pretrain_text(e) for e in train if e.task in SFT_TASKS]
         held = [{"task": e.task, "prompt": e.prompt, "answer": e.output} for e in heldout]
         _write_jsonl(Path("data/sft_alpaca.jsonl"), sft)
         _write_jsonl(Path("data/lora_sharegpt.jsonl"), lora)
@@ -141,8 +148,10 @@ class Demo:
         _write_jsonl(Path("data/heldout.jsonl"), held)
         print(f"tasks: {', '.join(ALL_TASKS)} ({s.num_train} training rows each)")
         print(f"data/sft_alpaca.jsonl     {len(sft)} Alpaca rows ({', '.join(SFT_TASKS)})")
-        print(f"data/lora_sharegpt.jsonl  {len(lora)} ShareGPT rows ({', '.join(LORA_TASKS)})")
-        print(f"data/pretrain.jsonl       {len(pretrain)} text rows (all tasks)")
+        print(f"data/lora_sharegpt.jsonl  {len(lora)} ShareGPT rows ({', '.join(LORA_TASKS)}, "
+              f"plus {len(replay)} replayed SFT rows)")  # fmt: skip
+        print(f"data/pretrain.jsonl       {len(pretrain)} chat transcripts as plain text "
+              f"({', '.join(SFT_TASKS)})")  # fmt: skip
         print(f"data/heldout.jsonl        {len(held)} held-out questions, never trained on")
         for name in ALL_TASKS:
             ex = next(e for e in heldout if e.task == name)
@@ -153,6 +162,7 @@ class Demo:
         from tunelab.demo.tokenizer import build_bpe_tokenizer
 
         texts = [f"{e.prompt}\n{e.output}" for e in self.train_examples]
+        texts += ["system\nuser\nassistant\n"] * 50  # the template's role words: one token each
         tok = build_bpe_tokenizer("tokenizer", texts, self.size.vocab_size, split_digits=True)
         self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -184,7 +194,8 @@ class Demo:
             ("lora", "data/lora_sharegpt.jsonl", "sharegpt"),
         ):
             runs.append((name, ["--input", src, "--handler-name", handler, "--prompt-type",
-                                PROMPT_TYPE, "--pack", "--seq-length", str(SEQ_LENGTH)]))  # fmt: skip
+                                PROMPT_TYPE, "--pack", "--neat-pack", "--seq-length",
+                                str(SEQ_LENGTH)]))  # fmt: skip
         for name, argv in runs:
             prefix = f"datasets/{name}"
             self.tunelab("preprocess", ["preprocess", *argv, *common, "--output-prefix", prefix],
@@ -204,15 +215,17 @@ class Demo:
 
     def train(self, configs: dict[str, str]) -> None:
         titles = {
-            "pretrain": "5. pretrain: next-token prediction on the task text",
+            "pretrain": "5. pretrain: next-token prediction on chat transcripts of the SFT tasks",
             "sft": f"6. full SFT on {', '.join(SFT_TASKS)} (packed Alpaca data)",
             "lora": f"7. LoRA SFT on {', '.join(LORA_TASKS)} (ShareGPT data), base frozen",
         }
         for stage in ("pretrain", "sft", "lora"):
             _banner(titles[stage])
-            if stage == "sft":
-                self.evaluate("pretrained", "runs/pretrain/hf")
+            if stage == "pretrain":
+                self.evaluate("initial", "models/init")
             self.tunelab(stage, ["train", configs[stage]])
+            if stage == "pretrain":
+                self.evaluate("pretrained", "runs/pretrain/hf")
             if stage == "sft":
                 self.evaluate("sft", "runs/sft/hf")
 
@@ -281,16 +294,16 @@ class Demo:
 ARTIFACTS: dict[str, str] = {
     "raw data (Alpaca, ShareGPT, text, held-out)": "data/",
     "tokenizer (BPE + chat template)": "tokenizer/",
-    "initial model (HF)": "models/init/",
-    "datasets (.bin/.idx, packed)": "datasets/",
+    "initial model (HF, random init)": "models/init/",
+    "datasets (.bin/.idx; SFT ones packed)": "datasets/",
     "run configs": "configs/",
-    "pretraining run": "runs/pretrain/",
-    "SFT checkpoints (DCP)": "runs/sft/checkpoints/",
-    "SFT model (HF export)": "runs/sft/hf/",
-    "LoRA adapter (PEFT)": "runs/lora/adapter/",
-    "merged model (HF)": "models/merged/",
-    "metrics (JSONL)": "runs/sft/metrics.jsonl",
-    "loss plots": "runs/sft/loss.png",
+    "pretraining: HF export": "runs/pretrain/hf/",
+    "SFT: checkpoints (DCP)": "runs/sft/checkpoints/",
+    "SFT: HF export": "runs/sft/hf/",
+    "LoRA: adapter (PEFT)": "runs/lora/adapter/",
+    "LoRA merged into the SFT model (HF)": "models/merged/",
+    "metrics per step (JSONL)": "runs/{pretrain,sft,lora}/metrics.jsonl",
+    "loss plots": "runs/{pretrain,sft,lora}/loss.png",
     "held-out predictions": "preds/",
     "summary": "summary.json",
 }
@@ -315,11 +328,13 @@ def _final_loss(metrics: Path) -> float | None:
 def _print_report(out: Path, summary: dict[str, Any]) -> None:
     _banner("results")
     acc = summary["accuracy"]
-    labels = list(acc)
-    print(f"held-out exact match per task ({', '.join(labels)}):")
-    print(f"  {'task':10s}" + "".join(f"{lab:>13s}" for lab in labels))
+    heads = {"initial": "initial", "pretrained": "pretrained", "sft": "+ full SFT",
+             "sft+lora": "+ LoRA"}  # fmt: skip
+    print("held-out exact match per task (greedy, chat template):")
+    print(f"  {'task':18s}" + "".join(f"{heads.get(lab, lab):>13s}" for lab in acc))
     for t in ALL_TASKS:
-        print(f"  {t:10s}" + "".join(f"{acc[lab].get(t, 0.0):>13.0%}" for lab in labels))
+        name = f"{t} ({'SFT' if t in SFT_TASKS else 'LoRA'} task)"
+        print(f"  {name:18s}" + "".join(f"{acc[lab].get(t, 0.0):>13.0%}" for lab in acc))
     print(f"\nartifacts (under {out}):")
     for what, rel in ARTIFACTS.items():
         print(f"  {what:45s} {out / rel}")
@@ -329,6 +344,11 @@ def _print_report(out: Path, summary: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     size_name = "quick" if args.quick else args.size
+    if args.threads < 1:
+        raise TunelabError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = prepare_dir(Path(args.output_dir))
     print(f"tunelab demo ({size_name}): every command below runs inside {out}", flush=True)
     cwd = os.getcwd()

@@ -47,17 +47,17 @@ FULL = DemoSize(
     num_heldout=40,
     vocab_size=512,
     hidden_size=128,
-    num_layers=4,
+    num_layers=2,
     num_heads=4,
     num_kv_heads=2,
     intermediate_size=384,
-    pretrain_steps=60,
-    sft_steps=120,
-    lora_steps=80,
+    pretrain_steps=300,
+    sft_steps=800,
+    lora_steps=500,
     micro_batch_size=4,
-    pretrain_lr=3e-3,
-    sft_lr=2e-3,
-    lora_lr=4e-3,
+    pretrain_lr=5e-3,
+    sft_lr=3e-3,
+    lora_lr=1e-2,
     lora_r=16,
 )
 
@@ -65,18 +65,18 @@ QUICK = DemoSize(
     num_train=300,
     num_heldout=16,
     vocab_size=512,
-    hidden_size=96,
+    hidden_size=128,
     num_layers=2,
     num_heads=4,
     num_kv_heads=2,
-    intermediate_size=256,
-    pretrain_steps=25,
-    sft_steps=60,
-    lora_steps=40,
+    intermediate_size=384,
+    pretrain_steps=150,
+    sft_steps=450,
+    lora_steps=300,
     micro_batch_size=4,
-    pretrain_lr=3e-3,
+    pretrain_lr=5e-3,
     sft_lr=3e-3,
-    lora_lr=5e-3,
+    lora_lr=1e-2,
     lora_r=16,
 )
 
@@ -119,7 +119,7 @@ def _common(size: DemoSize, steps: int, lr: float, output_dir: str) -> dict[str,
         },
         "optim": {
             "lr": lr,
-            "min_lr": lr / 10,
+            "min_lr": lr * 0.3,
             "weight_decay": 0.0,
             "schedule": "cosine",
             "warmup_fraction": 0.1,
@@ -132,10 +132,13 @@ def _common(size: DemoSize, steps: int, lr: float, output_dir: str) -> dict[str,
 def train_configs(size: DemoSize) -> dict[str, dict[str, Any]]:
     """``{stage: config mapping}`` for the pretrain, sft and lora stages."""
     pre = _common(size, size.pretrain_steps, size.pretrain_lr, "runs/pretrain")
+    # No data.reset_position_ids here and --neat-pack for SFT: the demo's eos, <|im_end|>,
+    # also closes every user turn, so splitting documents at eos would cut each answer off
+    # from its question.
     pre = {
         "model": {"path": "models/init"},
         "data": {"mode": "pretrain", "path": ["datasets/pretrain"], "seq_length": SEQ_LENGTH,
-                 "tokenizer": "tokenizer", "reset_position_ids": True},
+                 "tokenizer": "tokenizer"},
         **pre,
     }  # fmt: skip
     sft = _common(size, size.sft_steps, size.sft_lr, "runs/sft")
