@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where every artifact goes (default ./tunelab-demo); an existing demo "
                         "directory is replaced, any other non-empty directory is refused")  # fmt: skip
     p.add_argument("--size", choices=sorted(SIZES), default="full",
-                   help="full (default, a few minutes on 2 CPU cores) or quick (CI, ~1 minute)")  # fmt: skip
+                   help="full (default, about 3 minutes on 2 CPU cores) or quick (CI, 1-2 minutes)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="same as --size quick")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     p.add_argument("--threads", type=int, default=1,

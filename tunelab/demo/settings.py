@@ -43,7 +43,7 @@ class DemoSize:
 
 
 FULL = DemoSize(
-    num_train=600,
+    num_train=300,
     num_heldout=40,
     vocab_size=512,
     hidden_size=128,
@@ -51,13 +51,13 @@ FULL = DemoSize(
     num_heads=4,
     num_kv_heads=2,
     intermediate_size=384,
-    pretrain_steps=300,
-    sft_steps=800,
-    lora_steps=500,
+    pretrain_steps=150,
+    sft_steps=450,
+    lora_steps=600,
     micro_batch_size=4,
     pretrain_lr=5e-3,
     sft_lr=3e-3,
-    lora_lr=1e-2,
+    lora_lr=5e-3,
     lora_r=16,
 )
 
@@ -72,11 +72,11 @@ QUICK = DemoSize(
     intermediate_size=384,
     pretrain_steps=150,
     sft_steps=450,
-    lora_steps=300,
+    lora_steps=400,
     micro_batch_size=4,
     pretrain_lr=5e-3,
     sft_lr=3e-3,
-    lora_lr=1e-2,
+    lora_lr=5e-3,
     lora_r=16,
 )
 
