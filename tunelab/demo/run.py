@@ -163,6 +163,8 @@ class Demo:
 
         texts = [f"{e.prompt}\n{e.output}" for e in self.train_examples]
         texts += ["system\nuser\nassistant\n"] * 50  # the template's role words: one token each
+        print(f"# python: tunelab.demo.tokenizer.build_bpe_tokenizer('tokenizer', <task texts>, "
+              f"vocab_size={self.size.vocab_size}, split_digits=True)")  # fmt: skip
         tok = build_bpe_tokenizer("tokenizer", texts, self.size.vocab_size, split_digits=True)
         self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -175,6 +177,9 @@ class Demo:
         from tunelab.model.init import build_from_scratch
 
         cfg = ModelConfig.from_hf(model_config(self.size, self.eos_id, self.pad_id))
+        print("# python: cfg = ModelConfig.from_hf(<qwen2 config dict>); "
+              f"model = build_from_scratch(cfg, seed={self.seed}); "
+              "save_hf(model, cfg, 'models/init', tokenizer_dir='tokenizer')")  # fmt: skip
         model = build_from_scratch(cfg, seed=self.seed)
         save_hf(model, cfg, "models/init", tokenizer_dir="tokenizer")
         self.num_params = cfg.num_params()
