@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -44,3 +45,15 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def bool_or_none(text: str) -> bool | None:
+    """argparse type for tri-state flags: true/1/yes, false/0/no, none/''."""
+    t = str(text).strip().lower()
+    if t in ("true", "1", "yes"):
+        return True
+    if t in ("false", "0", "no"):
+        return False
+    if t in ("none", ""):
+        return None
+    raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")

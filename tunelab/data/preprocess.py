@@ -38,7 +38,7 @@ from tunelab.data.indexed import (
 )
 from tunelab.data.readers import count_rows, iter_rows, list_input_files, materialize
 from tunelab.errors import ConfigError, DataError, TunelabError
-from tunelab.utils import atomic_write_text
+from tunelab.utils import atomic_write_text, bool_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +47,6 @@ MAX_LISTED_SKIPS = 100
 SFT_FIELDS = ("input_ids", "attention_mask", "labels")
 PAIR_FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 DTYPES = {"int32": np.int32, "uint16": np.uint16, "int64": np.int64}
-
-
-def _bool_or_none(text: str) -> bool | None:
-    t = str(text).strip().lower()
-    if t in ("true", "1", "yes"):
-        return True
-    if t in ("false", "0", "no"):
-        return False
-    if t in ("none", ""):
-        return None
-    raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-chat-template", action="store_true", help="use the tokenizer's template")
     g.add_argument(
         "--enable-thinking",
-        type=_bool_or_none,
+        type=bool_or_none,
         nargs="?",
         const=True,
         default=None,

@@ -7,6 +7,7 @@ import argparse
 from tunelab.errors import ConfigError
 from tunelab.infer.engine import Engine
 from tunelab.infer.sampling import GenerationConfig
+from tunelab.utils import bool_or_none
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,22 +23,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt template by name, the one used in preprocess (e.g. qwen, llama3)")  # fmt: skip
     g.add_argument("--hf-chat-template", action="store_true",
                    help="use the tokenizer's own chat_template (exclusive with --prompt-type)")  # fmt: skip
-    g.add_argument("--enable-thinking", type=_bool_or_none, nargs="?", const=True, default=None,
+    g.add_argument("--enable-thinking", type=bool_or_none, nargs="?", const=True, default=None,
                    help="true/false/none for qwen3-style reasoning templates; use the value "
                         "given to preprocess (default none)")  # fmt: skip
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (worth it on GPU; slow to start on CPU)")  # fmt: skip
-
-
-def _bool_or_none(text: str) -> bool | None:
-    t = str(text).strip().lower()
-    if t in ("true", "1", "yes"):
-        return True
-    if t in ("false", "0", "no"):
-        return False
-    if t in ("none", ""):
-        return None
-    raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
