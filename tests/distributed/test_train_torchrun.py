@@ -162,8 +162,15 @@ def test_lora_under_tp_then_resume_under_fsdp(setup, tmp_path):
     ours = load_file(run / "adapter" / "adapter_model.safetensors")
     theirs = load_file(reference / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and ours
+    # Adam divides each gradient by its own running magnitude, so an element whose gradient
+    # is a near-cancelling sum (relative fp32 error ~1e-3 when TP reduces in another order)
+    # still moves by about lr per step, in a direction set by that noise: a few such elements
+    # may differ by a small fraction of one step (lr 0.05); all the rest must agree tightly.
+    step = 0.05
     for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-3, atol=2e-5)  # Adam, fp32 noise
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=0.02 * step)
+        close = torch.isclose(ours[key], value, rtol=1e-3, atol=2e-5)
+        assert close.float().mean() >= 0.97, (key, int((~close).sum()), close.numel())
 
 
 @pytest.mark.slow
