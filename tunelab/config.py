@@ -61,7 +61,9 @@ class DataSection:
     packed: str = field(default="auto", metadata=_choices("auto", "true", "false"))
     pad_to_multiple_of: int | None = None  # non-packed SFT: default seq_length (8 if variable)
     variable_seq_lengths: bool = False  # non-packed SFT: pad each batch only to its longest row
-    reset_position_ids: bool = False  # pretrain: restart positions / attention at each document
+    reset_position_ids: bool = (
+        False  # restart positions / attention after each EOS (pretrain; plain-packed SFT)
+    )
     shuffle: bool = True
     pad_token_id: int | None = None  # default: the tokenizer's pad token, else 0
 
@@ -629,11 +631,6 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(
             "data.variable_seq_lengths applies to non-packed SFT data; pretraining rows are "
             "always seq_length tokens (set data.mode=sft or drop the option)"
-        )
-    if d.mode == "sft" and d.reset_position_ids:
-        logger.warning(
-            "data.reset_position_ids has no effect in sft mode: packed SFT rows always "
-            "restart positions at each sample"
         )
     if d.mode == "pretrain" and d.pad_to_multiple_of is not None:
         logger.warning("data.pad_to_multiple_of has no effect in pretrain mode")

@@ -39,10 +39,13 @@ def test_sft_packed_positions_from_neat_mask_and_eos(tmp_path):
     pos = src[0].position_ids
     starts = [0] + [i for i in range(1, 32) if m[i] != m[i - 1]]
     assert all(pos[i] == 0 for i in starts) and (pos == 0).sum() == len(starts)
-    # plain packing (mask all ones): documents end after each EOS
+    # plain packing (mask all ones) records no sample starts: one sequence per row by default,
+    # restarted after each EOS with reset_at_eos (data.reset_position_ids)
     ids = np.array([5, 6, 2, 7, 8, 9, 2, 0])
     plain = write_sft(tmp_path / "e", [(ids, ids.copy())] * 2)
-    assert ds.SFTSource(plain, eos_id=2)[0].position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert ds.SFTSource(plain, eos_id=2)[0].position_ids.tolist() == list(range(8))
+    reset = ds.SFTSource(plain, eos_id=2, reset_at_eos=True)
+    assert reset[0].position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
 
 
 def test_collate_padding_variable_and_fixed():

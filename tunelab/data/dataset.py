@@ -4,8 +4,11 @@
   cut into rows of ``seq_length`` tokens; labels equal input_ids (the model shifts).
 - SFT (``{prefix}_packed_{input_ids,labels,attention_mask}_document``): one row per sequence.
   Packed rows (all exactly ``seq_length`` long) restart ``position_ids`` at every sample: from
-  the neat-pack ``attention_mask`` (1..k per sample, 0 on padding) or, for plain packing, after
-  each EOS. Non-packed rows are padded per batch to a multiple of ``pad_to_multiple_of``.
+  the neat-pack ``attention_mask`` (1..k per sample, 0 on padding). Plain ``--pack`` rows do not
+  record where samples start: they train as one causal sequence (MindSpeed's default), or,
+  with ``data.reset_position_ids`` (``--reset-attention-mask``), restart after every EOS as
+  MindSpeed does. Cutting at EOS also cuts at every end of turn when the template's
+  end-of-turn token is the EOS (ChatML: ``<|im_end|>``), so neat-pack is the right choice. Non-packed rows are padded per batch to a multiple of ``pad_to_multiple_of``.
 
 The order of samples is a pure function of (seed, global sample index), so the loader state is
 one number, ``consumed_samples``, the same on every data-parallel rank; resuming under another
@@ -161,8 +164,11 @@ class SFTSource:
         doc_range: tuple[int, int] | None = None,
         eos_id: int | None = None,
         packed: str = "auto",
+        reset_at_eos: bool = False,
     ):
         self.prefix = prefix
+        self.reset_at_eos = reset_at_eos
+        self._warned_plain = False
         files = sft_field_prefixes(prefix)
         self.fields = {f: IndexedDataset(p) for f, p in files.items() if f in SFT_FIELDS}
         n = {f: len(d) for f, d in self.fields.items()}
@@ -204,8 +210,18 @@ class SFTSource:
         if m is not None and (m.max(initial=0) > 1 or (m == 0).any()):
             # neat-pack: sample index 1..k, 0 on padding; every change starts a document
             starts = np.concatenate([[0], np.nonzero(m[1:] != m[:-1])[0] + 1])
-        else:
+        elif self.reset_at_eos:
             starts = _eos_starts(ids, self.eos_id)
+        else:
+            if not self._warned_plain:
+                self._warned_plain = True
+                logger.warning(
+                    "%s: plain packed rows (no --neat-pack) train as one sequence each, so "
+                    "attention crosses sample boundaries; preprocess with --neat-pack to keep "
+                    "samples apart",
+                    self.prefix,
+                )
+            starts = np.zeros(1, dtype=np.int64)
         return Row(ids, labels, positions_from_starts(starts, n))
 
 

@@ -151,7 +151,7 @@ class Trainer:
         rng = None if part is None else ds.split_range(probe.num_documents, split, part)
         if c.mode == "pretrain":
             return ds.PretrainSource(prefix, c.seq_length, rng, c.reset_position_ids, eos)
-        return ds.SFTSource(prefix, rng, eos, c.packed)
+        return ds.SFTSource(prefix, rng, eos, c.packed, c.reset_position_ids)
 
     def _setup_model(self) -> None:
         c = self.cfg
