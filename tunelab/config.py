@@ -61,9 +61,8 @@ class DataSection:
     packed: str = field(default="auto", metadata=_choices("auto", "true", "false"))
     pad_to_multiple_of: int | None = None  # non-packed SFT: default seq_length (8 if variable)
     variable_seq_lengths: bool = False  # non-packed SFT: pad each batch only to its longest row
-    reset_position_ids: bool = (
-        False  # restart positions / attention after each EOS (pretrain; plain-packed SFT)
-    )
+    # restart positions / attention after each EOS (pretrain; plain-packed SFT rows)
+    reset_position_ids: bool = False
     shuffle: bool = True
     pad_token_id: int | None = None  # default: the tokenizer's pad token, else 0
 

@@ -8,7 +8,8 @@
   record where samples start: they train as one causal sequence (MindSpeed's default), or,
   with ``data.reset_position_ids`` (``--reset-attention-mask``), restart after every EOS as
   MindSpeed does. Cutting at EOS also cuts at every end of turn when the template's
-  end-of-turn token is the EOS (ChatML: ``<|im_end|>``), so neat-pack is the right choice. Non-packed rows are padded per batch to a multiple of ``pad_to_multiple_of``.
+  end-of-turn token is the EOS (ChatML: ``<|im_end|>``), so neat-pack is the right choice.
+  Non-packed rows are padded per batch to a multiple of ``pad_to_multiple_of``.
 
 The order of samples is a pure function of (seed, global sample index), so the loader state is
 one number, ``consumed_samples``, the same on every data-parallel rank; resuming under another
