@@ -29,6 +29,7 @@ from tunelab.data.formats import (
     PairwiseSample,
 )
 from tunelab.data.templates import Template, get_template, token_id
+from tunelab.data.word_cache import word_cache_for
 from tunelab.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -57,10 +58,13 @@ class _TokenizeFn:
         self._encode = None
         if self.backend is not None:
             self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self.words = word_cache_for(tokenizer)
 
     def many(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
+        if self.words is not None:
+            return self.words.encode_many(texts)
         if self._encode is not None:
             return [e.ids for e in self._encode(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -312,7 +316,10 @@ def encode_pretrain(
 ) -> list[np.ndarray]:
     """Pretraining text -> ids with the tokenizer's own special tokens (BOS for Llama-like)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    words = word_cache_for(tokenizer)
+    if words is not None:
+        all_ids = words.encode_many(texts, add_special_tokens=True)
+    elif backend is not None:
         fn = getattr(backend, "encode_batch_fast", backend.encode_batch)
         all_ids = [e.ids for e in fn(texts, add_special_tokens=True)]
     else:
