@@ -26,11 +26,15 @@ from tokenizers import pre_tokenizers as pre
 from tunelab.data import word_cache
 from tunelab.data.word_cache import WordCacheEncoder, plan_of
 
+# As transformers' Qwen2Tokenizer and Llama 3's tokenizer.json write them.
 QWEN2 = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-LLAMA3 = QWEN2.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+LLAMA3 = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TRAIN = [
     "The quick brown fox jumps over the lazy dog. It's 2024; we'll see.",
@@ -220,3 +224,18 @@ def test_preprocess_output_is_byte_identical_with_and_without(tmp_path, monkeypa
             for f in ("input_ids", "labels", "attention_mask")
         }
     assert outs["1"] == outs["0"]
+
+
+def test_a_pattern_with_gaps_sends_those_texts_to_the_tokenizer():
+    tok = _build("gpt2")
+    tok.pre_tokenizer = pre.Sequence(
+        [
+            pre.Split(Regex(r"\p{L}+|\s+"), behavior="isolated", invert=False),
+            pre.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    enc = WordCacheEncoder.for_backend(tok)
+    assert enc is not None and not enc.covering
+    texts = ["only letters and spaces", "digits 123 and, punctuation!"] + _corpus(300, seed=5)
+    assert enc.encode_many(texts) == _reference(tok, texts)
+    assert enc.num_fast >= 1 and enc.num_slow >= 1

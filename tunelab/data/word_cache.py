@@ -35,11 +35,20 @@ import os
 import re
 import unicodedata
 import weakref
-from itertools import chain
+from itertools import chain, filterfalse
 
 logger = logging.getLogger(__name__)
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+LLAMA3_PATTERN = QWEN2_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+# Every character is a letter, a number, white space or other, and these patterns match a
+# run of each class at any position, so their pre-tokens always cover the whole text; other
+# patterns are checked text by text.
+COVERING_PATTERNS = (GPT2_PATTERN, QWEN2_PATTERN, LLAMA3_PATTERN)
 MAX_WORDS = 500_000  # cached words per process (~100 MB); the cache restarts when full
 VERIFY_FIRST = 64  # texts of the first batch also encoded by the tokenizer and compared
 PROBES = (
@@ -133,6 +142,7 @@ class WordCacheEncoder:
         if compiled.groups:
             raise ValueError("the split regex has capturing groups")
         self.split = compiled.findall
+        self.covering = pattern in COVERING_PATTERNS
         self.nfc = nfc
         tokens = [t for t in backend.get_added_tokens_decoder().values() if t.content]
         added = sorted({t.content for t in tokens}, key=len, reverse=True)
@@ -239,7 +249,7 @@ class WordCacheEncoder:
             if self.has_added is not None and self.has_added(text):
                 return None  # normalization made an added token's text: rare, be safe
         words = self.split(text)
-        if sum(map(len, words)) != len(text):
+        if not self.covering and len("".join(words)) != len(text):
             return None  # the regex left gaps
         return words
 
@@ -254,11 +264,11 @@ class WordCacheEncoder:
                 fast_at.append(i)
                 fast_words.append(words)
         cache = self.cache
-        missing = set(chain.from_iterable(fast_words)).difference(cache)
+        missing = set(filterfalse(cache.__contains__, chain.from_iterable(fast_words)))
         if len(cache) + len(missing) > MAX_WORDS:
             cache.clear()
             cache.update(self.added_ids)
-            missing = set(chain.from_iterable(fast_words)).difference(cache)
+            missing = set(filterfalse(cache.__contains__, chain.from_iterable(fast_words)))
         for w in missing:
             cache[w] = self._word_ids(w)
         get = cache.__getitem__
