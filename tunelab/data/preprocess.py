@@ -11,6 +11,7 @@ next to the output (reused by a rerun unless ``--overwrite-cache``) and merges t
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -445,7 +447,31 @@ class _Sink:
         self.pack_fill = rows.fill_ratio
 
 
+@contextmanager
+def _fewer_gc_passes():
+    """Collect garbage less often while rows are processed (here and in forked workers).
+
+    Encoding allocates millions of small lists, so the collector runs thousands of times,
+    each time walking the long-lived objects: transformers' modules and the word cache.
+    Those are frozen out of its sight and the young generation is allowed to grow larger;
+    the work makes no reference cycles to speak of. Measured: about 10% less time.
+    """
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 def _run_rows(rows: Iterator, plan: Plan, sink: _Sink, workers: int, bar, tok=None) -> Stats:
+    with _fewer_gc_passes():
+        return _run_rows_inner(rows, plan, sink, workers, bar, tok)
+
+
+def _run_rows_inner(rows: Iterator, plan: Plan, sink: _Sink, workers: int, bar, tok) -> Stats:
     total = Stats()
     chunks = _chunks(rows, CHUNK_ROWS)
     if _W.get("plan") is not plan:
