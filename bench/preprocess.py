@@ -17,6 +17,7 @@ each is kept, because a shared machine makes single timings noisy; CPU seconds (
 all its children, from getrusage) are reported too, as they suffer less from other load.
 Prints one JSON line per measurement and a final line with the ratios.
 Usage: python bench/preprocess.py [--rows 52000] [--workers 2] [--repeats 3] [--workdir DIR]
+       [--compare-tree OTHER_CHECKOUT]
 """
 
 from __future__ import annotations
@@ -107,18 +108,20 @@ def build_tokenizer(out: Path, rows: list[dict]) -> None:
     build_bpe_tokenizer(out, texts, vocab_size=32000)
 
 
-def _timed(cmd: list[str]) -> tuple[float, float]:
+def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the process and all its children) of one command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
 
 
-def time_tunelab(data: Path, tok: Path, prefix: Path, workers: int, pack: bool) -> dict:
+def time_tunelab(
+    data: Path, tok: Path, prefix: Path, workers: int, pack: bool, tree: str | None = None
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -139,7 +142,10 @@ def time_tunelab(data: Path, tok: Path, prefix: Path, workers: int, pack: bool) 
     ]
     if pack:
         cmd += ["--pack", "--seq-length", "1024"]
-    seconds, cpu = _timed(cmd)
+    env = None
+    if tree is not None:  # another checkout of tunelab, e.g. the commit before a change
+        env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+    seconds, cpu = _timed(cmd, env)
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
     return {
         "seconds": seconds,
@@ -252,6 +258,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--compare-tree",
+        default=None,
+        help="also time the tunelab of this checkout (e.g. a worktree of the previous commit)",
+    )
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -272,6 +283,14 @@ def main() -> int:
         ),
         "tunelab_pack": lambda: time_tunelab(data, tok, work / "out" / "pk", args.workers, True),
     }
+    if args.compare_tree:
+        tree = args.compare_tree
+        jobs["compare_nonpack"] = lambda: time_tunelab(
+            data, tok, work / "out" / "cnp", args.workers, False, tree
+        )
+        jobs["compare_pack"] = lambda: time_tunelab(
+            data, tok, work / "out" / "cpk", args.workers, True, tree
+        )
     results: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, fn in jobs.items():
@@ -289,7 +308,7 @@ def main() -> int:
     for base in ("hf_datasets_map", "hf_datasets_map_lf_style"):
         hf = results[base]
         ratio = {"name": f"ratio_vs_{base}"}
-        for name in ("tunelab_nonpack", "tunelab_pack"):
+        for name in [n for n in results if n.startswith(("tunelab_", "compare_"))]:
             ratio[name] = round(results[name]["rows_per_s"] / hf["rows_per_s"], 2)
             ratio[name + "_cpu"] = round(hf["cpu_seconds"] / results[name]["cpu_seconds"], 2)
         ratio["cpu_count"] = os.cpu_count()

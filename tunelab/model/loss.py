@@ -37,21 +37,77 @@ def default_chunk_size(vocab_size: int) -> int:
     return int(min(8192, max(128, (1 << 26) // max(1, vocab_size))))
 
 
-class _ChunkedLinearCE(torch.autograd.Function):
+class ChunkedCE(torch.autograd.Function):
+    """The frame shared by the chunked cross-entropies (this one and the vocabulary-parallel
+    one in ``tunelab.parallel.vocab_parallel``).
+
+    ``forward`` drops ignored tokens (``select``), allocates the gradient buffers
+    (``buffers``), and for each chunk computes the loss and ``g = dCE/dlogits`` in its own way,
+    handing ``g`` to ``accumulate``; ``finish`` saves what ``backward`` needs. ``backward``
+    scales the saved gradients by the incoming one and scatters the hidden gradient back to
+    every token (zero for ignored ones). Subclasses list their extra forward inputs in
+    ``num_extra_inputs`` (everything after hidden and weight).
+    """
+
+    num_extra_inputs = 0
+
+    @staticmethod
+    def select(hidden, targets, ignore_index):
+        keep = torch.nonzero(targets != ignore_index, as_tuple=False).flatten()
+        return keep, hidden.index_select(0, keep), targets.index_select(0, keep)
+
+    @staticmethod
+    def buffers(ctx, h, weight, compute_grad):
+        """(fp32 loss accumulator, hidden gradient or None, fp32 weight gradient or None)."""
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if compute_grad and ctx.needs_input_grad[0] else None
+        grad_w = None
+        if compute_grad and ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        return loss, grad_h, grad_w
+
+    @staticmethod
+    def accumulate(g, hc, weight, grad_h, grad_w, start):
+        """Add one chunk's ``g = dCE/dlogits`` (fp32, ``[chunk, V]``) to the gradients."""
+        g = g.to(hc.dtype)
+        if grad_h is not None:
+            grad_h[start : start + g.shape[0]] = g @ weight
+        if grad_w is not None:
+            grad_w += (g.t() @ hc).float()
+
+    @staticmethod
+    def finish(ctx, keep, grad_h, grad_w, hidden, weight, loss):
+        ctx.save_for_backward(keep, grad_h, grad_w)
+        ctx.hidden_shape = hidden.shape
+        ctx.w_dtype = weight.dtype
+        num = torch.tensor(keep.shape[0], dtype=torch.int64, device=hidden.device)
+        ctx.mark_non_differentiable(num)
+        return loss, num
+
+    @classmethod
+    def backward(cls, ctx, grad_loss, _grad_num):
+        keep, grad_h, grad_w = ctx.saved_tensors
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            if grad_h is None:
+                raise RuntimeError("chunked cross-entropy: gradient was not computed in forward")
+            dh = torch.zeros(ctx.hidden_shape, dtype=grad_h.dtype, device=grad_h.device)
+            dh.index_copy_(0, keep, grad_h * grad_loss.to(grad_h.dtype))
+        if ctx.needs_input_grad[1]:
+            if grad_w is None:
+                raise RuntimeError("chunked cross-entropy: gradient was not computed in forward")
+            dw = (grad_w * grad_loss).to(ctx.w_dtype)
+        return (dh, dw) + (None,) * cls.num_extra_inputs
+
+
+class _ChunkedLinearCE(ChunkedCE):
+    num_extra_inputs = 4  # targets, chunk_size, ignore_index, compute_grad
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, compute_grad):
-        keep = torch.nonzero(targets != ignore_index, as_tuple=False).flatten()
-        h = hidden.index_select(0, keep)
-        t = targets.index_select(0, keep)
-        n = h.shape[0]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(h) if compute_grad and ctx.needs_input_grad[0] else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if compute_grad and ctx.needs_input_grad[1]
-            else None
-        )
-        for s in range(0, n, chunk_size):
+        keep, h, t = ChunkedCE.select(hidden, targets, ignore_index)
+        loss, grad_h, grad_w = ChunkedCE.buffers(ctx, h, weight, compute_grad)
+        for s in range(0, h.shape[0], chunk_size):
             hc, tc = h[s : s + chunk_size], t[s : s + chunk_size]
             # Matmul in the model dtype, softmax in fp32: what autograd through
             # ``lm_head(h).float()`` + ``F.cross_entropy`` computes.
@@ -63,33 +119,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
             # d(sum CE)/d logits = softmax - onehot, reusing the logits buffer.
             g = logits.sub_(lse[:, None]).exp_()
             g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
-            g = g.to(hidden.dtype)
-            if grad_h is not None:
-                grad_h[s : s + chunk_size] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.t() @ hc).float()
+            ChunkedCE.accumulate(g, hc, weight, grad_h, grad_w, s)
             del g, logits
-        ctx.save_for_backward(keep, grad_h, grad_w)
-        ctx.hidden_shape = hidden.shape
-        ctx.w_dtype = weight.dtype
-        num = torch.tensor(n, dtype=torch.int64, device=hidden.device)
-        ctx.mark_non_differentiable(num)
-        return loss, num
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_num):
-        keep, grad_h, grad_w = ctx.saved_tensors
-        dh = dw = None
-        if ctx.needs_input_grad[0]:
-            if grad_h is None:
-                raise RuntimeError("linear_cross_entropy: gradient was not computed in forward")
-            dh = torch.zeros(ctx.hidden_shape, dtype=grad_h.dtype, device=grad_h.device)
-            dh.index_copy_(0, keep, grad_h * grad_loss.to(grad_h.dtype))
-        if ctx.needs_input_grad[1]:
-            if grad_w is None:
-                raise RuntimeError("linear_cross_entropy: gradient was not computed in forward")
-            dw = (grad_w * grad_loss).to(ctx.w_dtype)
-        return dh, dw, None, None, None, None
+        return ChunkedCE.finish(ctx, keep, grad_h, grad_w, hidden, weight, loss)
 
 
 def linear_cross_entropy(

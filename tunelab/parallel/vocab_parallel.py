@@ -18,26 +18,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.model.loss import IGNORE_INDEX, default_chunk_size
+from tunelab.model.loss import IGNORE_INDEX, ChunkedCE, default_chunk_size
 
 
-class _VocabParallelCE(torch.autograd.Function):
+class _VocabParallelCE(ChunkedCE):
+    num_extra_inputs = 5  # targets, vocab_start, chunk_size, group, compute_grad
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_start, chunk_size, group, compute_grad):
-        keep = torch.nonzero(targets != IGNORE_INDEX, as_tuple=False).flatten()
-        h = hidden.index_select(0, keep)
-        local_t = targets.index_select(0, keep) - vocab_start
+        keep, h, t = ChunkedCE.select(hidden, targets, IGNORE_INDEX)
+        local_t = t - vocab_start
         mine = (local_t >= 0) & (local_t < weight.shape[0])
         local_t = local_t.clamp(0, weight.shape[0] - 1)
-        n = h.shape[0]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros_like(h) if compute_grad and ctx.needs_input_grad[0] else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if compute_grad and ctx.needs_input_grad[1]
-            else None
-        )
-        for s in range(0, n, chunk_size):
+        loss, grad_h, grad_w = ChunkedCE.buffers(ctx, h, weight, compute_grad)
+        for s in range(0, h.shape[0], chunk_size):
             hc, tc, mc = (
                 h[s : s + chunk_size],
                 local_t[s : s + chunk_size],
@@ -57,30 +51,10 @@ class _VocabParallelCE(torch.autograd.Function):
             g = exp.div_(sums[0][:, None])  # softmax over the whole vocabulary, local columns
             rows = torch.nonzero(mc, as_tuple=False).flatten()
             g[rows, tc[rows]] -= 1.0
-            g = g.to(hidden.dtype)
-            if grad_h is not None:
-                grad_h[s : s + chunk_size] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.t() @ hc).float()
+            ChunkedCE.accumulate(g, hc, weight, grad_h, grad_w, s)
         if grad_h is not None:
             dist.all_reduce(grad_h, group=group)  # each shard contributes its vocabulary part
-        ctx.save_for_backward(keep, grad_h, grad_w)
-        ctx.hidden_shape = hidden.shape
-        ctx.w_dtype = weight.dtype
-        num = torch.tensor(n, dtype=torch.int64, device=hidden.device)
-        ctx.mark_non_differentiable(num)
-        return loss, num
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_num):
-        keep, grad_h, grad_w = ctx.saved_tensors
-        dh = dw = None
-        if ctx.needs_input_grad[0]:
-            dh = torch.zeros(ctx.hidden_shape, dtype=grad_h.dtype, device=grad_h.device)
-            dh.index_copy_(0, keep, grad_h * grad_loss.to(grad_h.dtype))
-        if ctx.needs_input_grad[1]:
-            dw = (grad_w * grad_loss).to(ctx.w_dtype)
-        return dh, dw, None, None, None, None, None
+        return ChunkedCE.finish(ctx, keep, grad_h, grad_w, hidden, weight, loss)
 
 
 def _vocab_start(weight, vocab_size: int) -> int:
