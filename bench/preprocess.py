@@ -108,11 +108,13 @@ def build_tokenizer(out: Path, rows: list[dict]) -> None:
     build_bpe_tokenizer(out, texts, vocab_size=32000)
 
 
-def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+def _timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the process and all its children) of one command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    subprocess.run(
+        cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd
+    )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -142,10 +144,12 @@ def time_tunelab(
     ]
     if pack:
         cmd += ["--pack", "--seq-length", "1024"]
-    env = None
+    env = cwd = None
     if tree is not None:  # another checkout of tunelab, e.g. the commit before a change
-        env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
-    seconds, cpu = _timed(cmd, env)
+        # `python -m` puts the working directory first on sys.path: run from the tree.
+        cwd = str(Path(tree).resolve())
+        env = {**os.environ, "PYTHONPATH": cwd}
+    seconds, cpu = _timed(cmd, env, cwd)
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
     return {
         "seconds": seconds,
@@ -264,7 +268,7 @@ def main() -> int:
         help="also time the tunelab of this checkout (e.g. a worktree of the previous commit)",
     )
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data, tok = work / "alpaca.jsonl", work / "tokenizer"
     rows = make_rows(args.rows)
