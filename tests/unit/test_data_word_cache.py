@@ -55,6 +55,13 @@ POOL = (
 )
 
 
+@pytest.fixture(autouse=True)
+def never_skip(monkeypatch):
+    """Random text repeats few words, which would send batches to the tokenizer (see the
+    last test); these tests are about the cached path, so it stays on."""
+    monkeypatch.setattr(word_cache, "MISS_RATIO", 2.0)
+
+
 def _build(kind: str, added_lstrip: bool = False, bos: bool = False) -> Tokenizer:
     tok = Tokenizer(models.BPE(ignore_merges=kind == "llama3"))
     if kind == "gpt2":
@@ -239,3 +246,26 @@ def test_a_pattern_with_gaps_sends_those_texts_to_the_tokenizer():
     texts = ["only letters and spaces", "digits 123 and, punctuation!"] + _corpus(300, seed=5)
     assert enc.encode_many(texts) == _reference(tok, texts)
     assert enc.num_fast >= 1 and enc.num_slow >= 1
+
+
+def test_text_whose_words_do_not_repeat_goes_to_the_tokenizer_for_a_while(monkeypatch):
+    monkeypatch.setattr(word_cache, "MISS_RATIO", 0.5)
+    monkeypatch.setattr(word_cache, "JUDGE_AFTER", 0)
+    tok = _build("qwen2")
+    enc = WordCacheEncoder.for_backend(tok)
+    rng = random.Random(6)
+    han = [chr(c) for c in range(0x4E00, 0x4E00 + 2000)]
+    clauses = [
+        "".join(rng.choice(han) for _ in range(rng.randint(4, 20))) + "，" for _ in range(4000)
+    ]
+    batch = ["".join(clauses[i : i + 8]) for i in range(0, 4000, 8)]
+    assert enc.encode_many(batch[:100]) == _reference(tok, batch[:100])
+    assert enc.skip == word_cache.SKIP_BATCHES  # nearly every clause was new
+    fast = enc.num_fast
+    assert enc.encode_many(batch[100:200]) == _reference(tok, batch[100:200])
+    assert enc.num_fast == fast and enc.skip == word_cache.SKIP_BATCHES - 1
+    english = _corpus(50, seed=7)
+    enc.skip = 1
+    enc.encode_many(english)  # the last skipped batch
+    assert enc.encode_many(english) == _reference(tok, english)  # the cache is back
+    assert enc.num_fast > fast
