@@ -49,7 +49,7 @@ LLAMA3_PATTERN = QWEN2_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 # run of each class at any position, so their pre-tokens always cover the whole text; other
 # patterns are checked text by text.
 COVERING_PATTERNS = (GPT2_PATTERN, QWEN2_PATTERN, LLAMA3_PATTERN)
-MAX_WORDS = 500_000  # cached words per process (~100 MB); the cache restarts when full
+MAX_WORDS = 200_000  # cached words per process (~240 B each: ~50 MB); restarts when full
 VERIFY_FIRST = 64  # texts of the first batch also encoded by the tokenizer and compared
 # Text whose words rarely repeat (Chinese: a "word" is a whole clause between punctuation) gains
 # nothing from the cache and pays its bookkeeping (measured 8% slower): after a batch where
