@@ -29,7 +29,7 @@ from tunelab.data.formats import (
     PairwiseSample,
 )
 from tunelab.data.templates import Template, get_template, token_id
-from tunelab.data.word_cache import word_cache_for
+from tunelab.data.word_cache import backend_ids, word_cache_for
 from tunelab.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -47,27 +47,29 @@ class Encoded:
         return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
+def tokenize_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Batched text -> ids: through the word cache where it applies, else the fast backend's
+    batch call, else the (slow) tokenizer itself."""
+    if not texts:
+        return []
+    words = word_cache_for(tokenizer)
+    if words is not None:
+        return words.encode_many(texts, add_special_tokens)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend_ids(backend, texts, add_special_tokens)
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
 class _TokenizeFn:
-    """Batched text -> ids without special tokens, through the fast backend when there is one."""
+    """Batched text -> ids without special tokens, and the ids of constant template text."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.const_cache: dict[str, list[int]] = {}
-        # The "fast" batch call skips character offsets, which we never use.
-        self._encode = None
-        if self.backend is not None:
-            self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        self.words = word_cache_for(tokenizer)
 
     def many(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        if self.words is not None:
-            return self.words.encode_many(texts)
-        if self._encode is not None:
-            return [e.ids for e in self._encode(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return tokenize_batch(self.tokenizer, texts, add_special_tokens=False)
 
 
 class Encoder:
@@ -315,15 +317,7 @@ def encode_pretrain(
     pad_id: int | None = None,
 ) -> list[np.ndarray]:
     """Pretraining text -> ids with the tokenizer's own special tokens (BOS for Llama-like)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    words = word_cache_for(tokenizer)
-    if words is not None:
-        all_ids = words.encode_many(texts, add_special_tokens=True)
-    elif backend is not None:
-        fn = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        all_ids = [e.ids for e in fn(texts, add_special_tokens=True)]
-    else:
-        all_ids = tokenizer(texts)["input_ids"]
+    all_ids = tokenize_batch(tokenizer, texts, add_special_tokens=True)
     eod = tokenizer.eos_token_id
     out = []
     for ids in all_ids:

@@ -466,12 +466,8 @@ def _fewer_gc_passes():
         gc.unfreeze()
 
 
+@_fewer_gc_passes()
 def _run_rows(rows: Iterator, plan: Plan, sink: _Sink, workers: int, bar, tok=None) -> Stats:
-    with _fewer_gc_passes():
-        return _run_rows_inner(rows, plan, sink, workers, bar, tok)
-
-
-def _run_rows_inner(rows: Iterator, plan: Plan, sink: _Sink, workers: int, bar, tok) -> Stats:
     total = Stats()
     chunks = _chunks(rows, CHUNK_ROWS)
     if _W.get("plan") is not plan:

@@ -317,10 +317,16 @@ class WordCacheEncoder:
         return out
 
     def _fallback(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        if not texts:
-            return []
-        fn = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        return [e.ids for e in fn(texts, add_special_tokens=add_special_tokens)]
+        return backend_ids(self.backend, texts, add_special_tokens)
+
+
+def backend_ids(backend, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """The ids of ``texts`` from a ``tokenizers.Tokenizer``'s own batch call."""
+    if not texts:
+        return []
+    # The "fast" batch call skips character offsets, which nothing here uses.
+    fn = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in fn(texts, add_special_tokens=add_special_tokens)]
 
 
 _FOR_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
